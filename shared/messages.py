@@ -1,0 +1,132 @@
+"""Typed messages that cross the MQTT boundary between agents and the hub.
+
+Each message is a ``shared.codec`` frame: the pydantic model below travels as the frame's JSON
+metadata and the tensor as raw bytes. Both sides use these functions; nothing else builds payloads.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import IntEnum
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.codec import CodecError, decode_frame, encode_frame
+
+__all__ = [
+    "MessageKind",
+    "EscalationRequest",
+    "EscalationAnswer",
+    "DeviceStatus",
+    "Assignment",
+    "encode_request",
+    "decode_request",
+    "encode_answer",
+    "decode_answer",
+]
+
+
+class MessageKind(IntEnum):
+    ESCALATE = 1
+    ANSWER = 2
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EscalationRequest(_Wire):
+    """Agent -> hub: a case the edge model was not sure of.
+
+    ``request_id`` is also the MQTT Correlation Data and the idempotency key.
+    """
+
+    request_id: str = Field(min_length=1, max_length=128)
+    device_id: str = Field(min_length=1, max_length=128)
+    region: str = Field(default="", max_length=128)
+    task: str = Field(min_length=1, max_length=128)
+    model_name: str = Field(default="", max_length=128)
+    model_version: str = Field(default="", max_length=128)
+    edge_label: int | None = None
+    edge_confidence: float | None = None
+    sent_at: float = Field(default_factory=time.time)
+    # Already redacted at the edge: only what the site allows to leave.
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class EscalationAnswer(_Wire):
+    """Hub -> agent: the full model's answer, or an error that says what was wrong."""
+
+    request_id: str
+    ok: bool
+    label: int | None = None
+    confidence: float | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    model_name: str = ""
+    model_version: str = ""
+    inference_ms: float = 0.0
+    worker: str = ""
+
+
+class DeviceStatus(_Wire):
+    """Retained on ``edgefed/v1/{device_id}/status``; the Last Will carries state='offline'."""
+
+    device_id: str
+    state: Literal["online", "offline"]
+    region: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    at: float = Field(default_factory=time.time)
+
+
+class Assignment(_Wire):
+    """Retained on ``edgefed/v1/{device_id}/assignment``: the version this device must run."""
+
+    model_name: str
+    version: str
+
+
+def encode_request(req: EscalationRequest, tensor: np.ndarray) -> bytes:
+    """Encode an escalation with the tensor the edge model consumed."""
+    return encode_frame(MessageKind.ESCALATE, req.model_dump(mode="json"), tensor)
+
+
+def decode_request(payload: bytes) -> tuple[EscalationRequest, np.ndarray]:
+    """Decode an escalation; raises ``CodecError`` naming the problem."""
+    frame = decode_frame(payload)
+    if frame.kind != MessageKind.ESCALATE:
+        raise CodecError(f"expected an escalation frame (kind {int(MessageKind.ESCALATE)}), got kind {frame.kind}")
+    if frame.tensor is None:
+        raise CodecError("escalation carries no tensor")
+    try:
+        req = EscalationRequest.model_validate(frame.meta)
+    except ValidationError as exc:
+        raise CodecError(f"escalation metadata is invalid: {_first_error(exc)}") from None
+    return req, frame.tensor
+
+
+def encode_answer(answer: EscalationAnswer, probs: np.ndarray | None = None) -> bytes:
+    """Encode an answer; ``probs`` are the full model's class probabilities (float32)."""
+    tensor = None if probs is None else np.asarray(probs, dtype=np.float32)
+    return encode_frame(MessageKind.ANSWER, answer.model_dump(mode="json"), tensor)
+
+
+def decode_answer(payload: bytes) -> tuple[EscalationAnswer, np.ndarray | None]:
+    """Decode an answer; raises ``CodecError`` naming the problem."""
+    frame = decode_frame(payload)
+    if frame.kind != MessageKind.ANSWER:
+        raise CodecError(f"expected an answer frame (kind {int(MessageKind.ANSWER)}), got kind {frame.kind}")
+    try:
+        answer = EscalationAnswer.model_validate(frame.meta)
+    except ValidationError as exc:
+        raise CodecError(f"answer metadata is invalid: {_first_error(exc)}") from None
+    return answer, frame.tensor
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{loc}: {err['msg']}"
