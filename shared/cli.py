@@ -1,0 +1,93 @@
+"""The ``edgefed`` command line: one entry point that assembles each part's commands.
+
+Part modules are imported here, so none of them may import torch (or any other heavy module) at
+import time: an edge-only install must be able to run ``edgefed agent ...`` without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cloud_hub.cli import device_app, hub_app
+from cloud_hub.cli import list_models as _list_models
+from cloud_hub.cli import push as _push
+from cloud_hub.factory.cli import compress as _compress
+from cloud_hub.factory.cli import train as _train
+from edge_agent.cli import agent_app
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="edgefed",
+    help="Edge-cloud federated deployment: edge agents, cloud hub, federation, rollouts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+model_app = typer.Typer(help="Train, compress, push and list models.", no_args_is_help=True)
+model_app.command("train")(_train)
+model_app.command("compress")(_compress)
+model_app.command("push")(_push)
+model_app.command("list")(_list_models)
+
+app.add_typer(hub_app, name="hub")
+app.add_typer(model_app, name="model")
+app.add_typer(agent_app, name="agent")
+app.add_typer(device_app, name="device")
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[str, typer.Option(envvar="EDGEFED_LOG_LEVEL", help="Logging level.")] = "INFO",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def broker(
+    host: Annotated[str, typer.Option(envvar="EDGEFED_BROKER_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="EDGEFED_BROKER_PORT", help="TCP port.")] = 1883,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="EDGEFED_BROKER_DATA_DIR", help="Config, persistence and log directory.")
+    ] = Path(".edgefed/broker"),
+) -> None:
+    """Run Eclipse Mosquitto with a generated development config (loopback, no TLS)."""
+    import os
+
+    from shared.broker import BrokerNotFound, DevBroker
+
+    b = DevBroker(host, port, data_dir)
+    try:
+        argv = b.argv()
+    except BrokerNotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"mosquitto on mqtt://{host}:{port} (config {data_dir}/mosquitto.conf)")
+    # Replace this process so signals reach mosquitto directly.
+    os.execv(argv[0], argv)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(envvar="EDGEFED_DEMO_DIR", help="Where models, logs and the report go.")] = Path(
+        "demo-output"
+    ),
+    epochs: Annotated[int, typer.Option(envvar="EDGEFED_DEMO_EPOCHS", help="Training epochs if no cached models.")] = 0,
+    retrain: Annotated[bool, typer.Option(help="Train again even if cached checkpoints exist.")] = False,
+) -> None:
+    """Run the whole loop on one machine and print a summary."""
+    from shared.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, epochs=epochs or None, retrain=retrain))
+
+
+def main() -> None:
+    app()
