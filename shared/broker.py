@@ -5,6 +5,7 @@ Production brokers use ``deploy/mosquitto/``: TLS, per-device credentials and AC
 
 from __future__ import annotations
 
+import getpass
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ def render_dev_config(host: str, port: int, data_dir: Path) -> str:
             f"listener {port} {host}",
             "protocol mqtt",
             "allow_anonymous true",
+            # Started as root, mosquitto would drop to user 'mosquitto', which cannot write our data dir.
+            f"user {getpass.getuser()}",
             # Nagle's algorithm costs 40-88 ms per QoS 1 exchange; escalations are latency-bound.
             "set_tcp_nodelay true",
             "persistence true",

@@ -69,7 +69,7 @@ def encode_frame(kind: int, meta: dict[str, Any], tensor: np.ndarray | None = No
     if tensor is None:
         dtype_code, shape, data = 0, (), b""
     else:
-        arr = np.ascontiguousarray(tensor)
+        arr = np.asarray(tensor, order="C")
         dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         code = _CODES.get(np.dtype(dt))
         if code is None:
