@@ -36,13 +36,17 @@ class HubSettings(BaseSettings):
     broker_password: str | None = None
     broker_ca_file: Path | None = None
     device: Literal["cpu", "cuda"] = Field("cpu", validation_alias=_env("device", "EDGEFED_HUB_DEVICE"))
-    admin_token: str | None = Field(None, description="Admin bearer token; generated into <data_dir>/admin.token")
+    admin_token: str | None = Field(
+        None, description="Admin bearer token; generated into <data_dir>/admin.token"
+    )
     signing_public_keys: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         validation_alias=_env("signing_public_keys", "EDGEFED_SIGNING_PUBLIC_KEY"),
         description="PEM Ed25519 public keys trusted for bundles, besides <data_dir>/keys/*.pub",
     )
-    default_model_name: str = Field("elpv-edge", validation_alias=_env("default_model_name", "EDGEFED_DEFAULT_MODEL"))
+    default_model_name: str = Field(
+        "elpv-edge", validation_alias=_env("default_model_name", "EDGEFED_DEFAULT_MODEL")
+    )
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_queue: int = Field(10_000, ge=1)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)

@@ -86,7 +86,10 @@ def load_trusted_keys(trusted_key: Path | None, pinned_path: Path, hub: HubClien
     os.replace(tmp, pinned_path)
     log.warning(
         "trusting %d signing key(s) from the hub %s on first use and pinning them in %s; pass --trusted-key "
-        "to pin a key you distributed yourself", len(keys), hub.base_url, pinned_path,
+        "to pin a key you distributed yourself",
+        len(keys),
+        hub.base_url,
+        pinned_path,
     )
     return keys
 

@@ -45,6 +45,8 @@ class AgentSettings(BaseModel):
     hub_timeout_s: float = Field(default=10.0, gt=0)
     # How long start() waits for the broker before serving edge-only (it keeps reconnecting).
     broker_connect_wait_s: float = Field(default=3.0, ge=0)
+    # Unanswered escalations kept on disk for a later re-send; the oldest are dropped beyond this.
+    outbox_max_items: int = Field(default=10_000, ge=1)
     # Bodies above this are refused before decoding: an edge box must not buffer arbitrary uploads.
     max_body_bytes: int = Field(default=8 * MiB, ge=1024)
 
@@ -97,6 +99,10 @@ class AgentSettings(BaseModel):
     @property
     def pinned_keys_path(self) -> Path:
         return self.root / "trusted_keys.pem"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.root / "outbox.sqlite3"
 
 
 def build_settings(**values: object) -> AgentSettings:

@@ -75,7 +75,8 @@ class EdgeRuntime:
         what = f"{manifest.name}:{manifest.version}"
         try:
             session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=_session_options(intra_op_threads),
+                str(bundle.model_path),
+                sess_options=_session_options(intra_op_threads),
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own non-standard exception types

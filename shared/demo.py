@@ -106,7 +106,7 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
 
 def _run(workdir: Path, epochs: int, retrain: bool, stack: ExitStack) -> DemoReport:
     from cloud_hub.factory import build_reference_models
-    from shared.data.splits import partition_elpv, split_indices
+    from shared.data.splits import partition_elpv, task_split
     from shared.data.tasks import load_task
     from shared.hub_client import HubClient
 
@@ -168,13 +168,11 @@ def _run(workdir: Path, epochs: int, retrain: bool, stack: ExitStack) -> DemoRep
 
     _say("5/6 traffic: streaming the ELPV test split through the agents of each region")
     data = load_task(TASK)
-    splits = split_indices(data.labels, seed=0)
-    regions = partition_elpv(data, len(REGIONS))
-    test_idx = splits.test
-    region_of = np.empty(len(data.labels), dtype=np.int64)
-    for r, idx in enumerate(regions):
-        region_of[idx] = r
-    results = _stream(agent_urls, [(int(i), REGIONS[region_of[i]]) for i in test_idx], data.images)
+    test_idx = task_split(data, seed=0).test
+    region_of: dict[int, str] = {}
+    for region, idx in zip(REGIONS, partition_elpv(data, len(REGIONS), indices=test_idx), strict=True):
+        region_of.update((int(i), region) for i in idx)
+    results = _stream(agent_urls, [(int(i), region_of[int(i)]) for i in test_idx], data.images)
 
     _say("6/6 cloud-only reference: the full model over the hub's REST predict")
     cloud_labels = _cloud_predict(hub_url, admin, data, test_idx, bundle.manifest.input)

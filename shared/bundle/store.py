@@ -13,6 +13,7 @@ import io
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def unpack_bundle(data: bytes, out_dir: Path) -> Path:
                     if not member.isfile() or "/" in member.name or member.name in ("", ".", ".."):
                         raise BundleError(f"bundle archive holds {member.name!r}, which is not a plain top-level file")
                 tar.extractall(tmp, filter="data")
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise BundleError(f"bundle archive is not a readable tar.gz: {exc}") from None
         read_manifest(tmp)
         if out_dir.exists():

@@ -2,7 +2,13 @@
 
 from shared.data.elpv import default_cache_dir, pseudo_module_ids
 from shared.data.fashion_mnist import IdxFormatError, read_idx
-from shared.data.preprocess import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, resize_images, to_model_input
+from shared.data.preprocess import (
+    MAX_IMAGE_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    resize_images,
+    to_model_input,
+)
 from shared.data.splits import (
     PartitionError,
     Split,

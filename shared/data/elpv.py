@@ -75,7 +75,11 @@ def _load_from_package() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             "(part of the edgefed[hub] extra)"
         ) from None
     images, probs, types = load_dataset()
-    return np.asarray(images, dtype=np.uint8), np.asarray(probs, dtype=np.float64), np.asarray(types, dtype=str)
+    return (
+        np.asarray(images, dtype=np.uint8),
+        np.asarray(probs, dtype=np.float64),
+        np.asarray(types, dtype=str),
+    )
 
 
 def load_elpv(resolution: tuple[int, int], cache_dir: Path | None = None) -> ElpvRaw:
@@ -100,7 +104,9 @@ def load_elpv(resolution: tuple[int, int], cache_dir: Path | None = None) -> Elp
     fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".npz.tmp", dir=cache)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, images=raw.images, probs=raw.probs, types=raw.types.astype("U4"), modules=raw.modules)
+            np.savez(
+                fh, images=raw.images, probs=raw.probs, types=raw.types.astype("U4"), modules=raw.modules
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

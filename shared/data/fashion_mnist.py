@@ -78,7 +78,9 @@ def load_fashion_mnist(root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarra
         imgs = read_idx(root / img_name, expected_ndim=3)
         lbls = read_idx(root / lbl_name, expected_ndim=1)
         if imgs.dtype != np.uint8 or len(imgs) != len(lbls):
-            raise IdxFormatError(f"{root / img_name}: {len(imgs)} images of {imgs.dtype} but {len(lbls)} labels")
+            raise IdxFormatError(
+                f"{root / img_name}: {len(imgs)} images of {imgs.dtype} but {len(lbls)} labels"
+            )
         if lbls.size and (lbls.min() < 0 or lbls.max() >= len(FMNIST_LABELS)):
             raise IdxFormatError(f"{root / lbl_name}: labels outside 0..{len(FMNIST_LABELS) - 1}")
         images.append(imgs)

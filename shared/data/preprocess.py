@@ -34,7 +34,8 @@ def _as_batch(images: np.ndarray, channels: int) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != single_ndim + 1:
         raise ValueError(
-            f"expected images of shape {'N×H×W' if channels == 1 else 'N×H×W×C'} (or one image), got {arr.shape}"
+            f"expected images of shape {'N×H×W' if channels == 1 else 'N×H×W×C'} (or one image), "
+            f"got {arr.shape}"
         )
     if channels != 1 and arr.shape[-1] != channels:
         raise ValueError(f"expected {channels} channels in the last axis, got shape {arr.shape}")

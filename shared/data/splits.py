@@ -80,11 +80,15 @@ def stratified_split(
         parts[0].append(idx[: n - n_cal - n_test])
         parts[1].append(idx[n - n_cal - n_test : n - n_test])
         parts[2].append(idx[n - n_test :])
-    train, cal, test = (np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts)
+    train, cal, test = (
+        np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts
+    )
     return Split(train=train, calibration=cal, test=test)
 
 
-def stratified_subset(labels: np.ndarray, limit: int, *, seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:
+def stratified_subset(
+    labels: np.ndarray, limit: int, *, seed: int = 0, strata: np.ndarray | None = None
+) -> np.ndarray:
     """``limit`` sorted indices with the strata's proportions kept (largest remainders), deterministic."""
     keys = _strata_keys(labels, strata)
     if limit <= 0:
@@ -101,7 +105,9 @@ def stratified_subset(labels: np.ndarray, limit: int, *, seed: int = 0, strata: 
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def task_split(dataset: Dataset, seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> Split:
+def task_split(
+    dataset: Dataset, seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+) -> Split:
     """The standard split of a task's dataset: stratified by label and type (ELPV: mono/poly)."""
     return stratified_split(dataset.labels, seed=seed, fractions=fractions, strata=dataset.types)
 
@@ -132,10 +138,14 @@ def partition_groups(groups: np.ndarray, kinds: np.ndarray, n_regions: int) -> l
         raise PartitionError(f"groups {groups.shape} and kinds {kinds.shape} must be equal-length vectors")
     n_groups = len(np.unique(groups))
     if not 1 <= n_regions <= n_groups:
-        raise PartitionError(f"n_regions must be between 1 and the number of modules ({n_groups}), got {n_regions}")
+        raise PartitionError(
+            f"n_regions must be between 1 and the number of modules ({n_groups}), got {n_regions}"
+        )
     for g in np.unique(groups):
         if len(np.unique(kinds[groups == g])) > 1:
-            raise PartitionError(f"module {g} holds items of more than one type; cannot assign it to one region")
+            raise PartitionError(
+                f"module {g} holds items of more than one type; cannot assign it to one region"
+            )
     if n_regions == 1:
         return [np.arange(len(groups), dtype=np.int64)]
     kind_names = sorted(np.unique(kinds).tolist())
@@ -170,7 +180,13 @@ def partition_elpv(dataset: Dataset, n_regions: int, indices: np.ndarray | None 
 
 
 def partition_dirichlet(
-    labels: np.ndarray, n_regions: int, alpha: float, seed: int = 0, *, min_size: int = 1, max_tries: int = 1000
+    labels: np.ndarray,
+    n_regions: int,
+    alpha: float,
+    seed: int = 0,
+    *,
+    min_size: int = 1,
+    max_tries: int = 1000,
 ) -> list[np.ndarray]:
     """Dirichlet(``alpha``) label skew: each class is spread over regions by its own draw.
 

@@ -111,6 +111,7 @@ def test_archive_with_path_traversal_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "u").exists() and not (tmp_path / "evil").exists()
 
 
-def test_garbage_archive_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", [b"garbage", b"\x1f\x8bgarbage", b"\x1f\x8b\x08\x00" + bytes(40)])
+def test_garbage_archive_refused(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(BundleError, match="not a readable tar.gz"):
-        unpack_bundle(b"garbage", tmp_path / "u")
+        unpack_bundle(data, tmp_path / "u")

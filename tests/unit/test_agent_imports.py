@@ -1,0 +1,59 @@
+"""The edge agent must run on an edge-only install: importing it must not import torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+AGENT_MODULES = [
+    "edge_agent.agent",
+    "edge_agent.api",
+    "edge_agent.cli",
+    "edge_agent.service",
+    "edge_agent.bundles",
+    "edge_agent.escalation",
+    "edge_agent.runtime",
+    "shared.data.preprocess",
+]
+
+
+def _cli_modules() -> list[str]:
+    # shared.cli assembles every part's CLI; check it as soon as those parts exist.
+    parts = ("cloud_hub.cli", "cloud_hub.factory.cli")
+    return ["shared.cli"] if all(importlib.util.find_spec(p) is not None for p in parts) else []
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_agent_imports_no_torch() -> None:
+    modules = AGENT_MODULES + _cli_modules()
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + (
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+            "assert not heavy, heavy\n"
+        )
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+
+
+def test_agent_imports_with_torch_unavailable() -> None:
+    # sys.modules[name] = None makes any `import torch` raise ImportError, as on an edge-only install.
+    modules = AGENT_MODULES + _cli_modules()
+    r = _run("import sys\nsys.modules['torch'] = None\n" + "".join(f"import {m}\n" for m in modules))
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_module_imports_nothing_heavy() -> None:
+    r = _run(
+        "import sys\nimport edge_agent.cli\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'onnxruntime', 'fastapi', 'uvicorn', 'sqlalchemy', 'numpy'))\n"
+        "assert not heavy, heavy\n"
+    )
+    assert r.returncode == 0, r.stderr
