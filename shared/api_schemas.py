@@ -68,7 +68,9 @@ class ModelsPublic(_Schema):
 class DeviceCreate(_Schema):
     device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     region: str = Field(default="", max_length=128)
-    model_name: str | None = Field(default=None, description="Model this device runs; defaults to the hub's default edge model")
+    model_name: str | None = Field(
+        default=None, description="Model this device runs; defaults to the hub's default edge model"
+    )
 
 
 class DeviceCreated(_Schema):

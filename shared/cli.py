@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cloud_hub.factory.cli import compress as _compress
+from cloud_hub.factory.cli import train as _train
 
 from cloud_hub.cli import device_app, hub_app
 from cloud_hub.cli import list_models as _list_models
 from cloud_hub.cli import push as _push
-from cloud_hub.factory.cli import compress as _compress
-from cloud_hub.factory.cli import train as _train
 from edge_agent.cli import agent_app
 
 __all__ = ["app", "main"]
@@ -77,9 +77,9 @@ def broker(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(envvar="EDGEFED_DEMO_DIR", help="Where models, logs and the report go.")] = Path(
-        "demo-output"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(envvar="EDGEFED_DEMO_DIR", help="Where models, logs and the report go.")
+    ] = Path("demo-output"),
     epochs: Annotated[int, typer.Option(envvar="EDGEFED_DEMO_EPOCHS", help="Training epochs if no cached models.")] = 0,
     retrain: Annotated[bool, typer.Option(help="Train again even if cached checkpoints exist.")] = False,
 ) -> None:

@@ -267,7 +267,11 @@ def _report(results: dict[int, dict], labels: np.ndarray, idx: np.ndarray, cloud
         escalated_latency_ms_p99=round(_percentile(list(lat[escalated]), 99), 2),
         fallbacks=int(fallbacks),
         per_region=per_region,
-        bundle={"name": m.name, "version": m.version, **m.metrics.model_dump(exclude={"calibration_confidence_quantiles"})},
+        bundle={
+            "name": m.name,
+            "version": m.version,
+            **m.metrics.model_dump(exclude={"calibration_confidence_quantiles"}),
+        },
     )
 
 

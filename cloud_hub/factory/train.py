@@ -93,8 +93,7 @@ def _flip(x: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
     outs = [
-        model(x[i : i + batch_size].contiguous(memory_format=torch.channels_last))
-        for i in range(0, len(x), batch_size)
+        model(x[i : i + batch_size].contiguous(memory_format=torch.channels_last)) for i in range(0, len(x), batch_size)
     ]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
@@ -117,9 +116,7 @@ def _fit(
     rng = np.random.default_rng(seed)
     steps = max(1, -(-len(x) // cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=epochs * steps, pct_start=0.25
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps, pct_start=0.25)
     T, alpha = cfg.temperature, cfg.distill_alpha
     for epoch in range(epochs):
         model.train()

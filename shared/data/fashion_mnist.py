@@ -35,12 +35,12 @@ class IdxFormatError(ValueError):
 
 
 def read_idx(path: Path, expected_ndim: int | None = None) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped): magic ``00 00 <type> <ndim>``, big-endian dims, data."""
+    """Parse an IDX file (gzipped or not): magic ``00 00 <type> <ndim>``, big-endian dims, data."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            data = gzip.decompress(data)
     except (OSError, EOFError) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
         raise IdxFormatError(f"{path}: cannot read: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:

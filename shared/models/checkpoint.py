@@ -75,7 +75,8 @@ def load_checkpoint(source: Path | bytes, map_location: str | torch.device = "cp
         meta = CheckpointMeta.model_validate(raw["meta"])
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise CheckpointError(f"checkpoint metadata invalid at {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))
+        raise CheckpointError(f"checkpoint metadata invalid at {where}: {err['msg']}") from None
     if meta.format != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint format {meta.format!r} is not {CHECKPOINT_FORMAT!r}")
     try:
