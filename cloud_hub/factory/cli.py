@@ -46,7 +46,7 @@ def train(
         int | None,
         typer.Option(
             envvar="EDGEFED_EPOCHS",
-            help="Cloud model epochs (edge model: 4x); default per task (ELPV 6).",
+            help="Cloud model epochs (edge model: 3x); default per task (ELPV 6).",
             show_default=False,
         ),
     ] = None,
@@ -62,15 +62,30 @@ def train(
     seed: Seed = 0,
     version: Annotated[str, typer.Option(envvar="EDGEFED_MODEL_VERSION", help="Version of both checkpoints.")] = "1",
     cache_dir: CacheDir = None,
+    cloud_width: Annotated[
+        int, typer.Option(envvar="EDGEFED_CLOUD_WIDTH", help="Channel width of the cloud ResNet.")
+    ] = 16,
+    edge_width: Annotated[
+        int, typer.Option(envvar="EDGEFED_EDGE_WIDTH", help="Channel width of the edge CNN (wider: more INT8 gain).")
+    ] = 16,
     progress: Annotated[bool, typer.Option(envvar="EDGEFED_PROGRESS", help="Show a progress bar per epoch.")] = True,
 ) -> None:
     """Train the cloud model, then the edge model distilled from it, on the task's train split."""
-    from cloud_hub.factory.train import train_models
+    from cloud_hub.factory.train import TrainConfig, train_models
     from shared.data import PartitionError, UnknownTaskError
 
     try:
         result = train_models(
-            task, out, epochs, resolution, limit, seed, progress, version=version, cache_dir=cache_dir
+            task,
+            out,
+            epochs,
+            resolution,
+            limit,
+            seed,
+            progress,
+            version=version,
+            cache_dir=cache_dir,
+            config=TrainConfig(cloud_width=cloud_width, edge_width=edge_width),
         )
     except (UnknownTaskError, PartitionError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
