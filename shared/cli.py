@@ -49,6 +49,9 @@ def _root(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request from the clients is noise at INFO; their errors still show.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @app.command()
@@ -80,7 +83,9 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(envvar="EDGEFED_DEMO_DIR", help="Where models, logs and the report go.")
     ] = Path("demo-output"),
-    epochs: Annotated[int, typer.Option(envvar="EDGEFED_DEMO_EPOCHS", help="Training epochs if no cached models.")] = 0,
+    epochs: Annotated[
+        int, typer.Option(envvar="EDGEFED_DEMO_EPOCHS", help="Training epochs (0 = the factory defaults).")
+    ] = 0,
     retrain: Annotated[bool, typer.Option(help="Train again even if cached checkpoints exist.")] = False,
 ) -> None:
     """Run the whole loop on one machine and print a summary."""

@@ -30,7 +30,6 @@ __all__ = ["run_demo", "DemoReport"]
 
 TASK = "elpv"
 REGIONS = ("mono", "poly-a", "poly-b")
-DEFAULT_EPOCHS = 12
 # Escalate about this share of cases: the budget the threshold is calibrated for.
 TARGET_ESCALATION = 0.15
 
@@ -91,7 +90,7 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         with ExitStack() as stack:
-            report = _run(workdir, epochs or DEFAULT_EPOCHS, retrain, stack)
+            report = _run(workdir, epochs, retrain, stack)
             report.wall_s = round(time.monotonic() - t_start, 1)
             _say("stopping agents, hub and broker")
         _print_summary(report)
@@ -104,7 +103,7 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
         return 130
 
 
-def _run(workdir: Path, epochs: int, retrain: bool, stack: ExitStack) -> DemoReport:
+def _run(workdir: Path, epochs: int | None, retrain: bool, stack: ExitStack) -> DemoReport:
     from cloud_hub.factory import build_reference_models
     from shared.data.splits import partition_elpv, task_split
     from shared.data.tasks import load_task
@@ -113,7 +112,7 @@ def _run(workdir: Path, epochs: int, retrain: bool, stack: ExitStack) -> DemoRep
     _say(f"1/6 models: training (or reusing cached) cloud and edge models for {TASK!r} in {workdir / 'models'}")
     key = workdir / "keys" / "factory.pem"
     cloud_ckpt, _, bundle = build_reference_models(
-        workdir / "models", TASK, epochs=epochs, signing_key=key, force=retrain
+        workdir / "models", TASK, epochs=epochs, signing_key=key, force=retrain, progress=True
     )
     m = bundle.manifest.metrics
     _say(
