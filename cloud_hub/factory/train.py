@@ -9,11 +9,13 @@ costs one teacher pass over the data instead of one per epoch.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from shared.data import Dataset, load_task, task_split, to_model_input
 from shared.models import CheckpointMeta, build_model, save_checkpoint
+from shared.models.networks import DIHEDRAL_VIEWS, dihedral
 
 __all__ = ["DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "train_models", "predict_logits", "accuracy"]
 
@@ -34,6 +37,13 @@ log = logging.getLogger(__name__)
 # Cloud epochs per task; the edge model trains EDGE_EPOCH_FACTOR times as many (it is ~10x cheaper).
 DEFAULT_EPOCHS = {"elpv": 6, "elpv4": 6, "fmnist": 2}
 EDGE_EPOCH_FACTOR = 3
+
+
+Augment = Literal["dihedral", "flips", "none"]
+
+# Views of ``shared.models.networks.dihedral`` per augmentation: "flips" keeps the cell upright
+# (identity, left-right, up-down, both), "dihedral" adds the quarter turns and transposes.
+_AUGMENT_VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 5, 7, 2), "dihedral": tuple(range(8))}
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,22 @@ class TrainConfig:
     # on ELPV at 64x64 and 4x slower). A wider edge model gains more from INT8 on VNNI CPUs.
     cloud_width: int = 16
     edge_width: int = 16
+    # Cloud recipe (ELPV only where it needs the data's symmetry or its soft labels).
+    cloud_soft_labels: bool = False
+    cloud_augment: Augment = "flips"
+    cloud_tta: bool = False
+    cloud_ema: float = 0.0
+    cloud_mixup: float = 0.0
+    cloud_label_smoothing: float = 0.0
+    jitter: float = 0.0
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    edge_augment: Augment = "flips"
+    device: str = "cpu"
     threads: int | None = None
 
     def arch_kwargs(self, role: str) -> dict[str, Any]:
         if role == "cloud":
-            return {"width": self.cloud_width, "dropout": 0.2}
+            return {"width": self.cloud_width, "dropout": 0.2, **({"tta": True} if self.cloud_tta else {})}
         return {"width": self.edge_width}
 
 
@@ -86,77 +107,152 @@ def _class_weights(labels: np.ndarray, k: int, mode: str) -> torch.Tensor | None
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _flip(x: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
-    """Variant bit 0 flips left-right, bit 1 flips up-down (solar cells look alike both ways)."""
-    x = x.clone()
-    h = (variant & 1).bool()
-    v = (variant & 2).bool()
-    x[h] = x[h].flip(-1)
-    x[v] = x[v].flip(-2)
-    return x
+def _augment_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Item i becomes its dihedral view ``views[i]`` (solar cells have no preferred orientation)."""
+    out = x.clone()
+    for v in torch.unique(views).tolist():
+        if v:
+            sel = views == v
+            out[sel] = dihedral(x[sel], v)
+    return out
+
+
+def _jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-item contrast (×U(1±a)) and brightness (+U(±a), in normalised units): EL exposure varies."""
+    n = (len(x), 1, 1, 1)
+    contrast = 1 + amount * (2 * torch.rand(n, generator=gen) - 1)
+    brightness = amount * (2 * torch.rand(n, generator=gen) - 1)
+    return x * contrast.to(x.device) + brightness.to(x.device)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     outs = [
-        model(x[i : i + batch_size].contiguous(memory_format=torch.channels_last)) for i in range(0, len(x), batch_size)
+        model(x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)).cpu()
+        for i in range(0, len(x), batch_size)
     ]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class _FitPlan:
+    """What one model's training does; ``teacher`` holds logits per dihedral view, shape (8, N, K)."""
+
+    epochs: int
+    views: tuple[int, ...]
+    targets: torch.Tensor | None = None  # N×K soft targets; None trains on the hard labels
+    teacher: torch.Tensor | None = None
+    ema: float = 0.0
+    mixup: float = 0.0
+    label_smoothing: float = 0.0
+
+
+class _Ema:
+    """Exponential moving average of weights and BatchNorm statistics; the average is what gets saved."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        # Warm-up: early weights are poor, so the average forgets them quickly at first.
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.dtype.is_floating_point:
+                e.lerp_(m, 1 - d)
+            else:
+                e.copy_(m)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    warm = max(1, total // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+    )
 
 
 def _fit(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    plan: _FitPlan,
     *,
-    epochs: int,
     cfg: TrainConfig,
     class_weights: torch.Tensor | None,
-    flips: bool,
-    teacher: torch.Tensor | None,
     seed: int,
     progress: bool,
     desc: str,
-) -> None:
-    """Train ``model`` in place; ``teacher`` holds logits per flip variant, shape (4, N, K)."""
+) -> nn.Module:
+    """Train ``model`` in place; return it, or its weight average when ``plan.ema`` is set."""
+    if plan.mixup > 0 and plan.targets is None:
+        raise ValueError("mixup needs per-item target distributions (plan.targets)")
     rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     steps = max(1, -(-len(x) // cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps, pct_start=0.25)
+    sched = _schedule(opt, cfg, plan.epochs * steps)
+    ema = _Ema(model, plan.ema) if plan.ema > 0 else None
+    weight = class_weights.to(device) if class_weights is not None else None
+    view_table = torch.tensor(plan.views)
     T, alpha = cfg.temperature, cfg.distill_alpha
-    for epoch in range(epochs):
+    for epoch in range(plan.epochs):
         model.train()
         order = torch.from_numpy(rng.permutation(len(x)))
-        variants = torch.from_numpy(rng.integers(0, 4 if flips else 1, len(x)))
-        bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        views = view_table[torch.from_numpy(rng.integers(0, len(plan.views), len(x)))]
+        bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{plan.epochs}", disable=not progress, leave=False)
         total = 0.0
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = _flip(x[idx], variants[idx]) if flips else x[idx]
-            logits = model(xb.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(logits, y[idx], weight=class_weights)
-            if teacher is not None:
-                soft = F.softmax(teacher[variants[idx], idx] / T, dim=1)
+            xb = _augment_views(x[idx], views[idx]) if len(plan.views) > 1 else x[idx]
+            if cfg.jitter > 0:
+                xb = _jitter(xb, cfg.jitter, gen)
+            target: torch.Tensor = plan.targets[idx] if plan.targets is not None else y[idx]
+            if plan.mixup > 0:
+                lam = float(rng.beta(plan.mixup, plan.mixup))
+                perm = torch.from_numpy(rng.permutation(len(idx)))
+                xb = lam * xb + (1 - lam) * xb[perm]
+                target = lam * target + (1 - lam) * target[perm]
+            logits = model(xb.to(device).contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(logits, target.to(device), weight=weight, label_smoothing=plan.label_smoothing)
+            if plan.teacher is not None:
+                soft = F.softmax(plan.teacher[views[idx], idx].to(device) / T, dim=1)
                 kd = F.kl_div(F.log_softmax(logits / T, dim=1), soft, reduction="batchmean") * T * T
                 loss = alpha * kd + (1 - alpha) * loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             total += float(loss.detach())
             bar.set_postfix(loss=f"{total / (step + 1):.3f}")
-        log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, epochs, total / steps)
+        log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, plan.epochs, total / steps)
+    return ema.model if ema is not None else model
 
 
-def _teacher_logits(model: nn.Module, x: torch.Tensor, flips: bool) -> torch.Tensor:
-    n_variants = 4 if flips else 1
-    return torch.stack(
-        [
-            torch.from_numpy(predict_logits(model, _flip(x, torch.full((len(x),), v, dtype=torch.int64))))
-            for v in range(n_variants)
-        ]
-    )
+def _teacher_logits(model: nn.Module, x: torch.Tensor, views: tuple[int, ...], invariant: bool) -> torch.Tensor:
+    """The teacher's logits for every training view, shape (8, N, K); views not trained on stay zero.
+
+    An ``invariant`` teacher (dihedral TTA) answers the same for every view, so one pass serves all.
+    """
+    if invariant:
+        return torch.from_numpy(predict_logits(model, x)).expand(DIHEDRAL_VIEWS, -1, -1)
+    out: torch.Tensor | None = None
+    for v in views:
+        logits = torch.from_numpy(predict_logits(model, dihedral(x, v)))
+        if out is None:
+            out = torch.zeros((DIHEDRAL_VIEWS, *logits.shape), dtype=logits.dtype)
+        out[v] = logits
+    assert out is not None
+    return out
 
 
 def train_models(
@@ -248,51 +344,73 @@ def _train_pair(
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Train the cloud model, then the edge model distilled from it; return both and their test metrics."""
     spec, k = ds.input_spec, ds.task.num_classes
+    device = torch.device(cfg.device)
     x_train = torch.from_numpy(to_model_input(ds.images[train_idx], spec))
     y_train = torch.from_numpy(ds.labels[train_idx])
     x_test = torch.from_numpy(to_model_input(ds.images[test_idx], spec))
     y_test = ds.labels[test_idx]
     is_elpv = ds.task.source == "elpv"
     weights = _class_weights(ds.labels[train_idx], k, cfg.class_weighting) if is_elpv else None
+    cloud_targets = None
+    if cfg.cloud_soft_labels and ds.soft_labels is not None:
+        cloud_targets = torch.from_numpy(ds.soft_labels[train_idx]).float()
+    elif cfg.cloud_mixup > 0:
+        cloud_targets = F.one_hot(y_train, k).float()
+    # Orientation augmentation only where the images have no preferred orientation (ELPV cells).
+    cloud_views = _AUGMENT_VIEWS[cfg.cloud_augment if is_elpv else "none"]
+    edge_views = _AUGMENT_VIEWS[cfg.edge_augment if is_elpv else "none"]
+    plans = {
+        "cloud": _FitPlan(
+            epochs,
+            cloud_views,
+            targets=cloud_targets,
+            ema=cfg.cloud_ema,
+            mixup=cfg.cloud_mixup,
+            label_smoothing=cfg.cloud_label_smoothing,
+        ),
+        "edge": _FitPlan(edge_epochs, edge_views),
+    }
     results: dict[str, Any] = {}
     models: dict[str, nn.Module] = {}
-    teacher_logits = None
-    for role, arch, kwargs, n_epochs in (
-        ("cloud", "cloud-resnet", cfg.arch_kwargs("cloud"), epochs),
-        ("edge", "edge-cnn", cfg.arch_kwargs("edge"), edge_epochs),
+    for role, arch, kwargs in (
+        ("cloud", "cloud-resnet", cfg.arch_kwargs("cloud")),
+        ("edge", "edge-cnn", cfg.arch_kwargs("edge")),
     ):
         t0 = time.perf_counter()
         model = build_model(arch, in_channels=spec.channels, num_classes=k, **kwargs)
-        model = model.to(memory_format=torch.channels_last)
-        _fit(
+        model = model.to(device, memory_format=torch.channels_last)
+        plan = plans[role]
+        if role == "edge":
+            plan = replace(
+                plan, teacher=_teacher_logits(models["cloud"], x_train, edge_views, invariant=cfg.cloud_tta)
+            )
+        model = _fit(
             model,
             x_train,
             y_train,
-            epochs=n_epochs,
+            plan,
             cfg=cfg,
             class_weights=weights,
-            flips=is_elpv,
-            teacher=teacher_logits,
             seed=seed + (0 if role == "cloud" else 1),
             progress=progress,
             desc=role,
         )
-        if role == "cloud":
-            teacher_logits = _teacher_logits(model, x_train, flips=is_elpv)
+        models[role] = model
         logits = predict_logits(model, x_test)
         results[role] = {
             "arch": arch,
-            "epochs": n_epochs,
+            "epochs": plan.epochs,
             "test_accuracy": accuracy(logits, y_test),
             "test_balanced_accuracy": balanced_accuracy(logits, y_test),
             "train_seconds": round(time.perf_counter() - t0, 1),
         }
-        models[role] = model.to(memory_format=torch.contiguous_format).eval()
         log.info(
             "%s model: test accuracy %.4f (%s epochs, %.0f s)",
             role,
             results[role]["test_accuracy"],
-            n_epochs,
+            plan.epochs,
             results[role]["train_seconds"],
         )
+    for role, model in models.items():
+        models[role] = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return models, results

@@ -87,7 +87,9 @@ class Dataset:
 
     ``groups`` is the unit that must stay together (ELPV: pseudo-module id; Fashion-MNIST: the item
     itself). ``types`` is a categorical attribute used for stratification and regions (ELPV: module
-    type "mono"/"poly"; Fashion-MNIST: the official split "train"/"test").
+    type "mono"/"poly"; Fashion-MNIST: the official split "train"/"test"). ``soft_labels``, where the
+    source has them, is a float32 N×K distribution over the labels (ELPV binary: [1 - p, p] from the
+    annotators' defect probability p), which keeps the annotators' doubt that ``labels`` rounds away.
     """
 
     task: TaskSpec
@@ -95,6 +97,7 @@ class Dataset:
     labels: np.ndarray  # int64 N
     groups: np.ndarray  # int64 N
     types: np.ndarray  # str N
+    soft_labels: np.ndarray | None = None  # float32 N×K, rows sum to 1; None where the source has none
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,7 +112,8 @@ class Dataset:
 
     def subset(self, indices: np.ndarray) -> Dataset:
         idx = np.asarray(indices, dtype=np.int64)
-        return Dataset(self.task, self.images[idx], self.labels[idx], self.groups[idx], self.types[idx])
+        soft = None if self.soft_labels is None else self.soft_labels[idx]
+        return Dataset(self.task, self.images[idx], self.labels[idx], self.groups[idx], self.types[idx], soft)
 
 
 def get_task(name: str) -> TaskSpec:
@@ -124,6 +128,14 @@ def _elpv_labels(task: str, probs: np.ndarray) -> np.ndarray:
         return (probs >= 0.5).astype(np.int64)
     # Probabilities are k/3; rounding 3p recovers k without float equality tests.
     return np.clip(np.rint(probs * 3), 0, 3).astype(np.int64)
+
+
+def _elpv_soft_labels(task: str, probs: np.ndarray) -> np.ndarray | None:
+    """Binary ELPV: [1 - p, p]. The four-level task's labels already are the probability levels."""
+    if task != "elpv":
+        return None
+    p = np.clip(np.asarray(probs, dtype=np.float32), 0.0, 1.0)
+    return np.stack([1.0 - p, p], axis=1)
 
 
 def load_task(
@@ -147,7 +159,9 @@ def load_task(
         raise ValueError(f"resolution must be (height, width) between 8 and 1024, got {resolution}")
     if spec.source == "elpv":
         raw = load_elpv((res[0], res[1]), cache_dir)
-        ds = Dataset(spec, raw.images, _elpv_labels(name, raw.probs), raw.modules, raw.types)
+        ds = Dataset(
+            spec, raw.images, _elpv_labels(name, raw.probs), raw.modules, raw.types, _elpv_soft_labels(name, raw.probs)
+        )
     else:
         images, labels, official = load_fashion_mnist(fmnist_root)
         groups = np.arange(len(labels), dtype=np.int64)
