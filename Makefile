@@ -49,6 +49,7 @@ demo: setup
 	$(BIN)/edgefed demo
 
 test: setup
+	$(BIN)/ruff check edge_agent cloud_hub federation shared tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

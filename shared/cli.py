@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cloud_hub.factory.cli import compress as _compress
-from cloud_hub.factory.cli import train as _train
 
 from cloud_hub.cli import device_app, hub_app
 from cloud_hub.cli import list_models as _list_models
 from cloud_hub.cli import push as _push
+from cloud_hub.factory.cli import compress as _compress
+from cloud_hub.factory.cli import train as _train
 from edge_agent.cli import agent_app
 
 __all__ = ["app", "main"]
@@ -94,5 +94,25 @@ def demo(
     raise typer.Exit(run_demo(workdir, epochs=epochs or None, retrain=retrain))
 
 
+# Which extra provides a module that a command imports lazily, for a clear message on a partial install.
+_EXTRA_OF = {
+    "torch": "hub", "sqlalchemy": "hub", "alembic": "hub", "onnx": "hub", "onnxscript": "hub",
+    "prometheus_client": "hub", "elpv_dataset": "hub",
+    "onnxruntime": "edge", "fastapi": "edge", "uvicorn": "edge", "PIL": "edge", "multipart": "edge",
+}
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF.get(root)
+        if extra is None:
+            raise
+        typer.echo(
+            f"error: this command needs the '{extra}' extra, but module {root!r} is not installed: "
+            f"pip install 'edgefed[{extra}]'",
+            err=True,
+        )
+        raise SystemExit(2) from None
