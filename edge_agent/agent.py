@@ -20,14 +20,18 @@ from types import FrameType
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from edge_agent.api import create_app
+from edge_agent.api import RollbackError, RollbackResult, create_app
+from edge_agent.breaker import CircuitBreaker
 from edge_agent.bundles import BundleStore, fetch_assigned, load_trusted_keys
 from edge_agent.config import AgentSettings
-from edge_agent.escalation import EscalationClient
+from edge_agent.escalation import CloudAnswer, EscalationClient
+from edge_agent.learning_store import LearningStore
 from edge_agent.outbox import Outbox, OutboxSender
 from edge_agent.policy import make_policy
+from edge_agent.redaction import Redactor, load_or_create_salt
 from edge_agent.runtime import EdgeRuntime, ModelError
 from edge_agent.service import EdgeService
+from edge_agent.telemetry import TelemetryPublisher
 from shared import topics
 from shared.bundle import BundleError, VerifiedBundle
 from shared.hub_client import HubClient, HubError
@@ -59,6 +63,10 @@ class Agent:
         self._updates: ThreadPoolExecutor | None = None
         self._update_lock = threading.Lock()
         self._reported: tuple[str, str] | None = None  # what the hub last accepted as running here
+        self.learning: LearningStore | None = None
+        self._telemetry: TelemetryPublisher | None = None
+        self._previous: tuple[str, str] | None = None  # the bundle served before the current one
+        self._rolled_back_from: tuple[str, str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,23 +91,45 @@ class Agent:
         self.outbox = Outbox(s.outbox_path, max_items=s.outbox_max_items).open()
         if len(self.outbox):
             log.info("%d escalation(s) from earlier runs wait in the outbox", len(self.outbox))
-        self._sender = OutboxSender(self.outbox, escalator, timeout_s=s.escalation_timeout_s)
-        self._sender.start()
-        self.mqtt.on_connect(self._sender.kick)
+        retention = s.learning_retention_days * 86400.0 if s.learning_retention_days else None
+        self.learning = LearningStore(s.learning_path, max_items=s.learning_max_items, retention_s=retention).open()
+        breaker = CircuitBreaker(
+            failures=s.breaker_failures, cooldown_s=s.breaker_cooldown_s, latency_budget_ms=s.breaker_latency_ms
+        )
+        salt = s.redact_salt.encode() if s.redact_salt else load_or_create_salt(s.salt_path)
+        redactor = Redactor(s.redact, salt, drop_unlisted=s.redact_unlisted)
         self.mqtt.subscribe(topics.assignment(s.device_id), self._on_assignment)
         self.mqtt.on_connect(self._on_connect)
         self._updates = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-update")
         # The service exists before the first connection: a retained assignment may arrive at once.
         self.service = EdgeService(
             runtime,
-            make_policy(s.policy, s.threshold),
+            make_policy(s.policy_config, calibration=bundle.manifest.metrics),
             escalator,
             device_id=s.device_id,
             region=s.region,
             escalation_timeout_s=s.escalation_timeout_s,
             outbox=self.outbox,
+            breaker=breaker,
+            redactor=redactor,
+            learning=self.learning,
         )
-        self.app = create_app(self.service, max_body_bytes=s.max_body_bytes)
+        escalator.on_unmatched = self._on_unmatched_answer
+        self._sender = OutboxSender(
+            self.outbox,
+            escalator,
+            timeout_s=s.escalation_timeout_s,
+            max_backoff_s=s.outbox_max_backoff_s,
+            breaker=breaker,
+            on_delivered=self.service.apply_late,
+        )
+        self._sender.start()
+        self.mqtt.on_connect(self._sender.kick)
+        self._telemetry = TelemetryPublisher(
+            self.mqtt, self.service, interval_s=s.telemetry_interval_s, region=s.region
+        )
+        self._telemetry.start()
+        self.app = create_app(self.service, max_body_bytes=s.max_body_bytes, rollback=self.rollback)
         self._report_running(bundle)
         self.mqtt.start(wait=None)  # keeps reconnecting in the background; the edge serves meanwhile
         if not self.mqtt.wait_connected(s.broker_connect_wait_s):
@@ -108,6 +138,9 @@ class Agent:
 
     def stop(self) -> None:
         """Publish the retained offline status, disconnect, release resources. Safe to call twice."""
+        if self._telemetry is not None:
+            self._telemetry.stop()
+            self._telemetry = None
         if self._updates is not None:
             self._updates.shutdown(wait=True, cancel_futures=True)
             self._updates = None
@@ -127,6 +160,9 @@ class Agent:
         if self.outbox is not None:
             self.outbox.close()
             self.outbox = None
+        if self.learning is not None:
+            self.learning.close()
+            self.learning = None
         if self.hub is not None:
             self.hub.close()
             self.hub = None
@@ -169,15 +205,21 @@ class Agent:
             try:
                 bundle = fetch_assigned(self.hub, self.settings.device_id, self.store)
             except HubError as exc:
-                log.warning(
-                    "cannot fetch the assigned bundle (%s); keeping %s:%s", exc, current.name, current.version
-                )
+                log.warning("cannot fetch the assigned bundle (%s); keeping %s:%s", exc, current.name, current.version)
                 return False
             except BundleError as exc:
                 log.error("refusing bundle: %s; keeping %s:%s", exc, current.name, current.version)
+                self._refused(f"refused bundle: {exc}")
                 return False
             m = bundle.manifest
             if (m.name, m.version) == (current.name, current.version):
+                return False
+            if (m.name, m.version) == self._rolled_back_from:
+                log.warning(
+                    "not switching back to %s:%s: it was rolled back here; assign another version to update",
+                    m.name,
+                    m.version,
+                )
                 return False
             try:
                 runtime = EdgeRuntime.load(bundle, intra_op_threads=self.settings.intra_op_threads)
@@ -190,13 +232,62 @@ class Agent:
                     current.name,
                     current.version,
                 )
+                self._refused(f"cannot serve {m.name}:{m.version}: {exc}")
                 return False
             self.service.swap(runtime)
+            self.service.update_error = None
+            self._previous = (current.name, current.version)
+            self._rolled_back_from = None
             self._bundle = bundle
             self.store.mark_current(bundle)
         self._report_running(bundle)
         self._publish_online()
         return True
+
+    def _refused(self, reason: str) -> None:
+        """Make a refused update visible: /healthz and the retained status carry the reason."""
+        assert self.service is not None
+        self.service.update_error = reason
+        self._publish_online()
+
+    def rollback(self) -> RollbackResult:
+        """Serve the bundle that was served before the current one; RollbackError if there is none."""
+        assert self.store is not None and self.service is not None
+        with self._update_lock:
+            current = self.service.runtime
+            if self._previous is None:
+                raise RollbackError(
+                    f"no previous bundle to roll back to: {current.name}:{current.version} is the first this "
+                    "agent has served since it started"
+                )
+            name, version = self._previous
+            bundle = self.store.open_existing(name, version)
+            if bundle is None:
+                raise RollbackError(
+                    f"previous bundle {name}:{version} is missing or no longer verifies; "
+                    f"keeping {current.name}:{current.version}"
+                )
+            try:
+                runtime = EdgeRuntime.load(bundle, intra_op_threads=self.settings.intra_op_threads)
+            except ModelError as exc:
+                raise RollbackError(f"{exc}; keeping {current.name}:{current.version}") from None
+            self.service.swap(runtime)
+            self._previous = (current.name, current.version)
+            self._rolled_back_from = (current.name, current.version)
+            self._bundle = bundle
+            self.store.mark_current(bundle)
+        log.warning("rolled back from %s:%s to %s:%s", current.name, current.version, name, version)
+        self._report_running(bundle)
+        self._publish_online()
+        return RollbackResult(model_name=name, model_version=version, previous_version=current.version)
+
+    def _on_unmatched_answer(self, answer: CloudAnswer) -> None:
+        """paho thread: an answer nobody awaits. If its case is still queued, it is applied now, once."""
+        if self.outbox is None or self.service is None:
+            return
+        payload = self.outbox.take(answer.answer.request_id)
+        if payload is not None:
+            self.service.apply_late(payload, answer)
 
     def _on_assignment(self, msg: Message) -> None:
         """paho thread: a (retained) assignment arrived; check it on the update thread."""
@@ -209,6 +300,8 @@ class Agent:
         wanted = (assignment.model_name, assignment.version)
         if current is not None and wanted == (current.name, current.version):
             return
+        if wanted == self._rolled_back_from:
+            return  # retained, re-delivered on every reconnection: not a new instruction
         if self._updates is not None:
             log.info("assignment changed to %s:%s", assignment.model_name, assignment.version)
             self._updates.submit(self._safe_apply)
@@ -259,6 +352,7 @@ class Agent:
                 region=s.region,  # type: ignore[arg-type]
                 model_name=manifest.name if manifest else "",
                 model_version=manifest.version if manifest else "",
+                last_error=(self.service.update_error or "") if self.service is not None else "",
             )
             .model_dump_json()
             .encode()

@@ -1,8 +1,13 @@
 """The agent's local HTTP API (loopback by default): the camera line's client talks to this.
 
-- ``POST /v1/infer``: body is one image (``image/png``, ``image/jpeg``) or one tensor frame
-  (``application/x-edgefed-tensor``, a ``shared.codec`` frame whose tensor matches the input spec, N=1).
-- ``GET /healthz``: 200 with the model version while a model is loaded.
+- ``POST /v1/infer``: body is one image (``image/png``, ``image/jpeg``), one tensor frame
+  (``application/x-edgefed-tensor``, a ``shared.codec`` frame whose tensor matches the input spec,
+  N=1), or ``multipart/form-data`` with the image in a ``file`` field. Optional metadata (a JSON object
+  of strings) in the ``X-Edgefed-Metadata`` header or a ``metadata`` form field; it is redacted by
+  the site's rules before anything leaves the agent.
+- ``POST /v1/feedback``: ``{"request_id": ..., "label": 1 | "defect"}``, an inspector's label.
+- ``POST /v1/model/rollback``: serve the previous bundle again.
+- ``GET /healthz``: 200 with the model version while a model is loaded; ``GET /metrics``: Prometheus.
 - ``GET /v1/stats``: request and escalation counters.
 
 Bad input gets a 4xx whose ``detail`` names the problem; nothing else changes. Status codes are
@@ -11,30 +16,72 @@ chosen here and only here.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, Field
 
+from edge_agent.metrics import CONTENT_TYPE as METRICS_TYPE
+from edge_agent.metrics import render_metrics
+from edge_agent.redaction import RedactionError
 from edge_agent.runtime import InputError, ModelError
-from edge_agent.service import EdgeService, InferenceResult
+from edge_agent.service import EdgeService, FeedbackError, InferenceResult
 from shared.codec import CodecError, decode_frame
 
-__all__ = ["IMAGE_TYPES", "TENSOR_CONTENT_TYPE", "create_app"]
+__all__ = [
+    "IMAGE_TYPES",
+    "METADATA_HEADER",
+    "TENSOR_CONTENT_TYPE",
+    "FeedbackIn",
+    "RollbackError",
+    "RollbackResult",
+    "create_app",
+]
 
 TENSOR_CONTENT_TYPE = "application/x-edgefed-tensor"
 IMAGE_TYPES = ("image/png", "image/jpeg")
+MULTIPART = "multipart/form-data"
+METADATA_HEADER = "X-Edgefed-Metadata"
 
 
-def create_app(service: EdgeService, *, max_body_bytes: int = 8 * 1024 * 1024) -> FastAPI:
-    """The ASGI app serving ``service``."""
+class RollbackError(RuntimeError):
+    """There is no previous bundle to go back to, or it no longer verifies or loads; nothing changed."""
+
+
+class RollbackResult(BaseModel):
+    model_name: str
+    model_version: str
+    previous_version: str
+
+
+class FeedbackIn(BaseModel):
+    request_id: str = Field(min_length=1, max_length=128)
+    label: int | str
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    label: int
+    label_name: str
+
+
+def create_app(
+    service: EdgeService,
+    *,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    rollback: Callable[[], RollbackResult] | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``service``; ``rollback`` switches back to the previous bundle."""
     app = FastAPI(title="edgefed agent", summary=f"edge agent {service.device_id}")
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         runtime = service.runtime
-        return {
+        body: dict[str, Any] = {
             "status": "ok",
             "device_id": service.device_id,
             "model_name": runtime.name,
@@ -42,6 +89,15 @@ def create_app(service: EdgeService, *, max_body_bytes: int = 8 * 1024 * 1024) -
             "policy": service.policy.name,
             "broker_connected": bool(service.escalator and service.escalator.connected),
         }
+        if service.breaker is not None:
+            body["breaker"] = service.breaker.state
+        if service.update_error:
+            body["update_error"] = service.update_error
+        return body
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(render_metrics(service), media_type=METRICS_TYPE)
 
     @app.get("/v1/stats")
     def stats() -> dict[str, Any]:
@@ -50,30 +106,86 @@ def create_app(service: EdgeService, *, max_body_bytes: int = 8 * 1024 * 1024) -
         outbox = {}
         if box is not None:
             outbox = {"queued": len(box), "delivered": box.delivered, "dropped": box.dropped}
-        return {"requests": asdict(service.stats()), "escalation": escalation, "outbox": outbox}
+        breaker = {}
+        if service.breaker is not None:
+            b = service.breaker
+            breaker = {"state": b.state, "opened": b.opened, "short_circuited": b.short_circuited}
+        return {
+            "requests": asdict(service.stats()),
+            "escalation": escalation,
+            "outbox": outbox,
+            "breaker": breaker,
+        }
 
     @app.post("/v1/infer", response_model=InferenceResult)
     async def infer(request: Request) -> InferenceResult:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in (*IMAGE_TYPES, TENSOR_CONTENT_TYPE):
+        if content_type not in (*IMAGE_TYPES, TENSOR_CONTENT_TYPE, MULTIPART):
             raise HTTPException(
                 415,
                 f"content type {content_type or '(none)'!r} is not supported; send "
-                f"{', '.join(IMAGE_TYPES)} or {TENSOR_CONTENT_TYPE}",
+                f"{', '.join(IMAGE_TYPES)}, {TENSOR_CONTENT_TYPE} or {MULTIPART} with a 'file' field",
             )
+        metadata_text = request.headers.get(METADATA_HEADER)
         body = await _read_body(request, max_body_bytes)
+        if content_type == MULTIPART:
+            body, form_meta = await _from_form(request.scope, body)
+            metadata_text = form_meta if form_meta is not None else metadata_text
         if not body:
             raise HTTPException(400, "request body is empty; send one image or one tensor frame")
         try:
+            metadata = _parse_metadata(metadata_text)
             if content_type == TENSOR_CONTENT_TYPE:
-                return await service.infer(_tensor_from_frame(body))
-            return await service.infer_image(body)
-        except InputError as exc:
+                return await service.infer(_tensor_from_frame(body), metadata)
+            return await service.infer_image(body, metadata)
+        except (InputError, RedactionError) as exc:
             raise HTTPException(400, str(exc)) from None
         except ModelError as exc:
             raise HTTPException(500, str(exc)) from None
 
+    @app.post("/v1/feedback", response_model=FeedbackOut)
+    def feedback(body: FeedbackIn) -> FeedbackOut:
+        try:
+            label = service.feedback(body.request_id, body.label)
+        except FeedbackError as exc:
+            status = 404 if "unknown" in str(exc) else 409 if "disabled" in str(exc) else 400
+            raise HTTPException(status, str(exc)) from None
+        return FeedbackOut(request_id=body.request_id, label=label, label_name=service.runtime.labels[label])
+
+    @app.post("/v1/model/rollback", response_model=RollbackResult)
+    def model_rollback() -> RollbackResult:
+        if rollback is None:
+            raise HTTPException(409, "rollback is not available on this agent")
+        try:
+            return rollback()
+        except RollbackError as exc:
+            raise HTTPException(409, str(exc)) from None
+
     return app
+
+
+def _parse_metadata(text: str | None) -> object | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise RedactionError(f"metadata is not valid JSON ({exc}); send a JSON object of strings") from None
+
+
+async def _from_form(scope: dict[str, Any], body: bytes) -> tuple[bytes, str | None]:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:  # the body was already read within the size limit; parse it from memory
+        form = await Request(scope, receive).form()
+    except Exception as exc:  # python-multipart raises several unrelated types for a broken body
+        raise HTTPException(400, f"multipart body is malformed: {exc}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, "multipart body has no 'file' field holding the image")
+    meta = form.get("metadata")
+    return await upload.read(), meta if isinstance(meta, str) else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -177,9 +177,7 @@ class BundleStore:
     def _open(self, path: Path, name: str, version: str) -> VerifiedBundle:
         bundle = open_bundle(path, self.trusted)
         if (bundle.manifest.name, bundle.manifest.version) != (name, version):
-            raise BundleError(
-                f"{path} holds {bundle.manifest.name}:{bundle.manifest.version}, not {name}:{version}"
-            )
+            raise BundleError(f"{path} holds {bundle.manifest.name}:{bundle.manifest.version}, not {name}:{version}")
         return bundle
 
 

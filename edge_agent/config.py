@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge_agent.policy import POLICIES, validate_threshold
+from edge_agent.policy import POLICIES, PolicyConfig, validate_threshold
+from edge_agent.redaction import RedactionRule, parse_rules
+from edge_agent.scores import ScoreName
 from shared.mqtt import parse_broker_url
 from shared.topics import validate_device_id
 
@@ -49,6 +51,32 @@ class AgentSettings(BaseModel):
     outbox_max_items: int = Field(default=10_000, ge=1)
     # Bodies above this are refused before decoding: an edge box must not buffer arbitrary uploads.
     max_body_bytes: int = Field(default=8 * MiB, ge=1024)
+    # Budget policy: escalate this share of cases, ranked by this score, over this many recent cases.
+    budget_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    budget_score: ScoreName = "confidence"
+    budget_window: int = Field(default=1000, ge=10)
+    # Circuit breaker: open after this many consecutive timed-out or too-slow escalations.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    breaker_latency_ms: float | None = Field(default=None, gt=0)
+    # Redaction of request metadata, e.g. "operator:hash,serial:mask,badge:drop".
+    redact: list[RedactionRule] = Field(default_factory=list)
+    redact_unlisted: bool = False  # True: drop metadata fields that have no rule
+    redact_salt: str | None = Field(default=None, repr=False)
+    # Local learning store bounds.
+    learning_max_items: int = Field(default=50_000, ge=1)
+    learning_retention_days: float | None = Field(default=30.0, gt=0)
+    telemetry_interval_s: float = Field(default=30.0, gt=0)
+    outbox_max_backoff_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _redact(cls, v: object) -> object:
+        if v is None or isinstance(v, str):
+            return parse_rules(v)
+        if isinstance(v, list) and all(isinstance(i, str) for i in v):
+            return parse_rules(v)
+        return v
 
     @field_validator("hub_url")
     @classmethod
@@ -103,6 +131,24 @@ class AgentSettings(BaseModel):
     @property
     def outbox_path(self) -> Path:
         return self.root / "outbox.sqlite3"
+
+    @property
+    def learning_path(self) -> Path:
+        return self.root / "learning.sqlite3"
+
+    @property
+    def salt_path(self) -> Path:
+        return self.root / "redaction.salt"
+
+    @property
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            name=self.policy,
+            threshold=self.threshold,
+            budget_rate=self.budget_rate,
+            budget_score=self.budget_score,
+            budget_window=self.budget_window,
+        )
 
 
 def build_settings(**values: object) -> AgentSettings:

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,6 +71,9 @@ class EscalationClient:
         self._recent: OrderedDict[str, str] = OrderedDict()
         self._remember = remember
         self._stats = EscalationStats()
+        # Called (on paho's thread) with answers that came after their waiter gave up, or for ids
+        # this process never sent (e.g. re-sent after a restart): the outbox decides if they apply.
+        self.on_unmatched: Callable[[CloudAnswer], None] | None = None
 
     def subscribe(self) -> None:
         """Listen on this device's answer topic (the MqttClient re-subscribes after reconnects)."""
@@ -88,9 +92,7 @@ class EscalationClient:
         with self._lock:
             return EscalationStats(**asdict(self._stats))
 
-    async def escalate(
-        self, req: EscalationRequest, tensor: np.ndarray, timeout: float
-    ) -> CloudAnswer | None:
+    async def escalate(self, req: EscalationRequest, tensor: np.ndarray, timeout: float) -> CloudAnswer | None:
         """Send ``req`` with ``tensor`` and wait up to ``timeout`` seconds; None if no answer came."""
         return await self.send(req.request_id, encode_request(req, tensor), timeout)
 
@@ -158,7 +160,12 @@ class EscalationClient:
         if entry is None:
             stray = {"answered": "duplicates", "timed_out": "late"}.get(outcome or "", "unknown")
             self._count(stray)
-            log.debug("answer for %r ignored (%s)", rid, stray)
+            log.debug("answer for %r not awaited (%s)", rid, stray)
+            if stray != "duplicates" and self.on_unmatched is not None:
+                try:
+                    self.on_unmatched(CloudAnswer(answer, probs, 0.0))
+                except Exception:  # never raise into paho's thread
+                    log.exception("handling the unmatched answer for %r failed", rid)
             return
         loop, fut, started = entry
         result = CloudAnswer(answer, probs, (time.perf_counter() - started) * 1000.0)

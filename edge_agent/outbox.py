@@ -16,10 +16,12 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.escalation import EscalationClient
+from edge_agent.breaker import CircuitBreaker
+from edge_agent.escalation import CloudAnswer, EscalationClient
 
 __all__ = ["Outbox", "OutboxItem", "OutboxSender"]
 
@@ -84,9 +86,7 @@ class Outbox:
             (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             excess = count - self.max_items
             if excess > 0:
-                db.execute(
-                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (excess,)
-                )
+                db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (excess,))
                 self.dropped += excess
                 log.warning("outbox full (%d cases): dropped the %d oldest", self.max_items, excess)
 
@@ -102,17 +102,28 @@ class Outbox:
             )
         return [OutboxItem(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
 
-    def remove(self, request_id: str) -> None:
-        """Forget a case the hub has answered."""
+    def remove(self, request_id: str) -> bool:
+        """Forget a case the hub has answered; True if it was still queued."""
+        return self.take(request_id) is not None
+
+    def take(self, request_id: str) -> bytes | None:
+        """Remove a queued case and return its payload; None if it is not (or no longer) queued.
+
+        This is the at-most-once gate for answers: of two answers to the same case (a late one and a
+        re-send's, or a duplicate), only the first finds the row.
+        """
         with self._lock:
-            cur = self._conn().execute("DELETE FROM outbox WHERE request_id = ?", (request_id,))
-            self.delivered += cur.rowcount
+            db = self._conn()
+            row = db.execute("SELECT payload FROM outbox WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM outbox WHERE request_id = ?", (request_id,))
+            self.delivered += 1
+            return bytes(row[0])
 
     def mark_attempt(self, request_id: str) -> None:
         with self._lock:
-            self._conn().execute(
-                "UPDATE outbox SET attempts = attempts + 1 WHERE request_id = ?", (request_id,)
-            )
+            self._conn().execute("UPDATE outbox SET attempts = attempts + 1 WHERE request_id = ?", (request_id,))
 
     def __len__(self) -> int:
         with self._lock:
@@ -126,7 +137,12 @@ class Outbox:
 
 
 class OutboxSender:
-    """A background thread that re-sends queued escalations, oldest first, while the broker is up."""
+    """A background thread that re-sends queued escalations, oldest first, while the broker is up.
+
+    After a round in which nothing was answered it waits longer each time (``idle_s`` doubling up to
+    ``max_backoff_s``); a reconnection (``kick``) or an answered round resets the wait. While the
+    circuit breaker is open it does not send at all; in half-open its round is the probe.
+    """
 
     def __init__(
         self,
@@ -136,12 +152,19 @@ class OutboxSender:
         timeout_s: float,
         batch: int = 20,
         idle_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        breaker: CircuitBreaker | None = None,
+        on_delivered: Callable[[bytes, CloudAnswer], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.escalator = escalator
         self.timeout_s = timeout_s
         self.batch = batch
         self.idle_s = idle_s
+        self.max_backoff_s = max(max_backoff_s, idle_s)
+        self.breaker = breaker
+        self.on_delivered = on_delivered
+        self.rounds = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,29 +187,48 @@ class OutboxSender:
     async def drain_once(self) -> int:
         """Send one batch concurrently; remove each item the hub answered. Returns how many were."""
         items = self.outbox.oldest(self.batch)
+        if self.breaker is not None and self.breaker.state == "half-open":
+            items = items[:1]  # one probe, not a batch that would all time out again
+        self.rounds += 1
         answers = await asyncio.gather(
             *(self.escalator.send(item.request_id, item.payload, self.timeout_s) for item in items)
         )
         answered = 0
         for item, answer in zip(items, answers, strict=True):
+            if self.breaker is not None:
+                self.breaker.record(answer is not None, answer.round_trip_ms if answer else None)
             if answer is None:
                 self.outbox.mark_attempt(item.request_id)
-            else:
-                self.outbox.remove(item.request_id)
-                answered += 1
+                continue
+            answered += 1
+            payload = self.outbox.take(item.request_id)
+            if payload is not None and self.on_delivered is not None:
+                try:
+                    self.on_delivered(payload, answer)
+                except Exception:  # the case is delivered; only its learning record is lost
+                    log.exception("recording the answer to queued case %s failed", item.request_id)
         return answered
+
+    def _ready(self) -> bool:
+        if not self.escalator.connected or len(self.outbox) == 0:
+            return False
+        return self.breaker is None or self.breaker.state != "open"
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
+        wait = self.idle_s
         try:
             while not self._stop.is_set():
-                if self.escalator.connected and len(self.outbox) > 0:
+                if self._ready():
                     try:
                         if loop.run_until_complete(self.drain_once()) > 0:
+                            wait = self.idle_s
                             continue
+                        wait = min(self.max_backoff_s, wait * 2)
                     except Exception:  # a bug here must not end the thread: the cases stay on disk
                         log.exception("outbox round failed; retrying later")
-                self._wake.wait(self.idle_s)
+                if self._wake.wait(wait):
+                    wait = self.idle_s
                 self._wake.clear()
         finally:
             loop.close()

@@ -119,8 +119,7 @@ class EdgeRuntime:
             raise InputError(f"input batch size is {tensor.shape[0]}; the model needs {allowed}")
         if list(tensor.shape[1:]) != list(expected[1:]):
             raise InputError(
-                f"input has shape {list(tensor.shape)}; the model expects "
-                f"[N, {', '.join(map(str, expected[1:]))}]"
+                f"input has shape {list(tensor.shape)}; the model expects [N, {', '.join(map(str, expected[1:]))}]"
             )
         if not np.isfinite(tensor).all():
             bad = int(tensor.size - np.isfinite(tensor).sum())
@@ -140,9 +139,7 @@ class EdgeRuntime:
         return softmax(logits)
 
 
-def _check_model_matches_spec(
-    session: ort.InferenceSession, spec: InputSpec, n_labels: int, what: str
-) -> _InputShape:
+def _check_model_matches_spec(session: ort.InferenceSession, spec: InputSpec, n_labels: int, what: str) -> _InputShape:
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ModelError(f"model {what} has {len(inputs)} inputs; edge models must take exactly one")
@@ -160,7 +157,5 @@ def _check_model_matches_spec(
         raise ModelError(f"model {what}'s input has rank {len(dims)}; its manifest says shape {spec.shape}")
     for i, (model_dim, spec_dim) in enumerate(zip(dims[1:], spec.shape[1:], strict=True), start=1):
         if model_dim is not None and model_dim != spec_dim:
-            raise ModelError(
-                f"model {what}'s input dimension {i} is {model_dim}; its manifest says shape {spec.shape}"
-            )
+            raise ModelError(f"model {what}'s input dimension {i} is {model_dim}; its manifest says shape {spec.shape}")
     return _InputShape(name=inp.name, dims=dims)

@@ -3,7 +3,12 @@
 ``infer`` runs the edge model, asks the policy whether to escalate, and if so waits (bounded) for
 the hub. Whatever happens on the network, the caller gets an answer: the hub's (``cloud``), the
 edge model's (``edge``), or the edge model's because the hub did not answer usably in time
-(``edge-fallback``, with the reason).
+(``edge-fallback``, with the reason). While the circuit breaker is open, escalations are not even
+tried: the case is answered at the edge and queued for later.
+
+Escalated cases go to the learning store with the hub's answer when it comes (now, or later through
+the outbox: ``apply_late``), and recent cases stay in memory so an inspector's label (``feedback``)
+can be kept with its input. Metadata is redacted once, here, before it is stored or sent.
 """
 
 from __future__ import annotations
@@ -13,25 +18,35 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
 
+from edge_agent.breaker import CircuitBreaker
+from edge_agent.budget import BudgetPolicy
 from edge_agent.escalation import CloudAnswer, EscalationClient
+from edge_agent.latency import LatencyWindow
+from edge_agent.learning_store import LearningStore
 from edge_agent.outbox import Outbox
 from edge_agent.policy import Policy
+from edge_agent.redaction import Redactor, validate_metadata
 from edge_agent.runtime import EdgeRuntime, InputError
 from shared.codec import CodecError
 from shared.data.preprocess import decode_image, to_model_input
-from shared.messages import EscalationRequest, encode_request
+from shared.messages import EscalationRequest, decode_request, encode_request
 
-__all__ = ["AnswerSource", "EdgeService", "InferenceResult", "ServiceStats"]
+__all__ = ["AnswerSource", "EdgeService", "FeedbackError", "InferenceResult", "ServiceStats"]
 
 log = logging.getLogger(__name__)
 
 AnswerSource = Literal["edge", "cloud", "edge-fallback"]
+
+
+class FeedbackError(LookupError):
+    """Feedback names a case this agent no longer knows, or a label the model does not have."""
 
 
 class InferenceResult(BaseModel):
@@ -61,6 +76,20 @@ class ServiceStats:
     edge: int = 0
     cloud: int = 0
     fallback: int = 0
+    short_circuited: int = 0  # escalations held back by the open circuit breaker
+    late_applied: int = 0  # cloud answers that came after the caller had the edge's answer
+    feedback: int = 0
+
+
+@dataclass(frozen=True)
+class _Recent:
+    tensor: np.ndarray
+    task: str
+    model_name: str
+    model_version: str
+    edge_label: int
+    edge_confidence: float
+    metadata: dict[str, str]
 
 
 class EdgeService:
@@ -76,6 +105,10 @@ class EdgeService:
         region: str = "",
         escalation_timeout_s: float = 1.0,
         outbox: Outbox | None = None,
+        breaker: CircuitBreaker | None = None,
+        redactor: Redactor | None = None,
+        learning: LearningStore | None = None,
+        recent_cases: int = 512,
     ) -> None:
         self._runtime = runtime
         self.policy = policy
@@ -84,7 +117,16 @@ class EdgeService:
         self.region = region
         self.escalation_timeout_s = escalation_timeout_s
         self.outbox = outbox
+        self.breaker = breaker
+        self.redactor = redactor
+        self.learning = learning
+        self.local_latency = LatencyWindow()
+        self.cloud_latency = LatencyWindow()
+        self._recent: OrderedDict[str, _Recent] = OrderedDict()
+        self._recent_max = recent_cases
         self._stats = ServiceStats()
+        # Why the last model update was refused (shown in /healthz and the retained status).
+        self.update_error: str | None = None
 
     @property
     def runtime(self) -> EdgeRuntime:
@@ -94,6 +136,8 @@ class EdgeService:
         """Serve ``runtime`` from now on; requests already running finish on the old one."""
         old = self._runtime
         self._runtime = runtime
+        if isinstance(self.policy, BudgetPolicy):
+            self.policy.calibrate(runtime.manifest.metrics)
         log.info("now serving %s:%s (was %s:%s)", runtime.name, runtime.version, old.name, old.version)
 
     def stats(self) -> ServiceStats:
@@ -107,26 +151,42 @@ class EdgeService:
         except ValueError as exc:  # ImageDecodeError is a ValueError
             raise InputError(str(exc)) from None
 
-    async def infer_image(self, data: bytes) -> InferenceResult:
+    def redact(self, metadata: object | None) -> dict[str, str]:
+        """Validate a client's metadata and apply the site's redaction rules (RedactionError if invalid)."""
+        if metadata is None:
+            return {}
+        clean = validate_metadata(metadata)
+        return self.redactor.apply(clean) if self.redactor is not None else clean
+
+    async def infer_image(self, data: bytes, metadata: object | None = None) -> InferenceResult:
         """Decode and preprocess an image off the event loop, then ``infer`` it."""
         started = time.perf_counter()
+        meta = self.redact(metadata)
         runtime = self._runtime  # one model for the whole request, even if swap() happens meanwhile
         tensor = await asyncio.to_thread(self.image_to_tensor, data, runtime)
-        return await self._infer(runtime, tensor, started)
+        return await self._infer(runtime, tensor, started, meta)
 
-    async def infer(self, tensor: np.ndarray) -> InferenceResult:
+    async def infer(self, tensor: np.ndarray, metadata: object | None = None) -> InferenceResult:
         """Answer one case (a 1×C×H×W tensor); InputError if it does not match the model's input."""
-        return await self._infer(self._runtime, tensor, time.perf_counter())
+        started = time.perf_counter()
+        return await self._infer(self._runtime, tensor, started, self.redact(metadata))
 
-    async def _infer(self, runtime: EdgeRuntime, tensor: np.ndarray, started: float) -> InferenceResult:
+    async def _infer(
+        self, runtime: EdgeRuntime, tensor: np.ndarray, started: float, meta: dict[str, str]
+    ) -> InferenceResult:
         x = runtime.validate(tensor)
         if x.shape[0] != 1:
             raise InputError(f"infer answers one case at a time; the input batch size is {x.shape[0]}, use 1")
+        t0 = time.perf_counter()
         probs = (await asyncio.to_thread(runtime.predict, x))[0]
+        self.local_latency.add((time.perf_counter() - t0) * 1000.0)
         edge_label = int(np.argmax(probs))
         edge_conf = float(probs[edge_label])
         request_id = uuid.uuid4().hex
         self._stats.requests += 1
+        self._remember(
+            request_id, _Recent(x, runtime.manifest.task, runtime.name, runtime.version, edge_label, edge_conf, meta)
+        )
 
         def result(**kw: object) -> InferenceResult:
             base: dict[str, object] = dict(
@@ -148,7 +208,8 @@ class EdgeService:
         if not self.policy.should_escalate(probs):
             self._stats.edge += 1
             return result()
-        reason, cloud, queued = await self._escalate(runtime, request_id, x, edge_label, edge_conf)
+        self._keep_for_learning(request_id)
+        reason, cloud, queued = await self._escalate(runtime, request_id, x, edge_label, edge_conf, meta)
         if cloud is None:
             self._stats.fallback += 1
             return result(source="edge-fallback", escalated=True, fallback_reason=reason, queued=queued)
@@ -156,7 +217,13 @@ class EdgeService:
         return result(**cloud, source="cloud", escalated=True)
 
     async def _escalate(
-        self, runtime: EdgeRuntime, request_id: str, x: np.ndarray, edge_label: int, edge_conf: float
+        self,
+        runtime: EdgeRuntime,
+        request_id: str,
+        x: np.ndarray,
+        edge_label: int,
+        edge_conf: float,
+        meta: dict[str, str],
     ) -> tuple[str | None, dict[str, object] | None, bool]:
         """(None, fields of the cloud answer, False) or (why we fall back, None, whether it was queued)."""
         if self.escalator is None:
@@ -170,6 +237,7 @@ class EdgeService:
             model_version=runtime.version,
             edge_label=edge_label,
             edge_confidence=edge_conf,
+            metadata=meta,
         )
         try:
             payload = encode_request(req, x)
@@ -177,11 +245,19 @@ class EdgeService:
             return f"case cannot be encoded for the hub: {exc}", None, False
         if not self.escalator.connected:
             return "broker not connected", None, self._queue(request_id, payload)
+        if self.breaker is not None and not self.breaker.allow():
+            self._stats.short_circuited += 1
+            return "escalation circuit open (the hub was failing)", None, self._queue(request_id, payload)
         answer = await self.escalator.send(request_id, payload, self.escalation_timeout_s)
+        if self.breaker is not None:
+            self.breaker.record(answer is not None, answer.round_trip_ms if answer else None)
         if answer is None:
             reason = f"no answer from the hub within {self.escalation_timeout_s:g} s"
             return reason, None, self._queue(request_id, payload)
+        self.cloud_latency.add(answer.round_trip_ms)
         reason, fields = _cloud_fields(answer, runtime.labels)
+        if fields is not None:
+            self._learn_cloud(request_id, answer)
         return reason, fields, False
 
     def _queue(self, request_id: str, payload: bytes) -> bool:
@@ -192,6 +268,86 @@ class EdgeService:
         self.outbox.put(request_id, payload)
         return True
 
+    # --- answers that come after the caller was answered, and inspectors' labels ---------------
+    def apply_late(self, payload: bytes, answer: CloudAnswer) -> None:
+        """A queued case's answer arrived (the outbox already removed it: this runs once per case).
+
+        ``payload`` is the queued request, so the case can be stored even after an agent restart.
+        """
+        self._stats.late_applied += 1
+        if answer.round_trip_ms > 0:  # an answer that arrived unawaited has no measured round trip
+            self.cloud_latency.add(answer.round_trip_ms)
+        if self.learning is None or not answer.answer.ok or answer.answer.label is None:
+            return
+        rid = answer.answer.request_id
+        if self.learning.get(rid) is None:
+            try:
+                req, tensor = decode_request(payload)
+            except CodecError as exc:
+                log.warning("queued case %s cannot be decoded for the learning store: %s", rid, exc)
+                return
+            self.learning.record_case(
+                rid,
+                tensor,
+                task=req.task,
+                model_name=req.model_name,
+                model_version=req.model_version,
+                edge_label=req.edge_label,
+                edge_confidence=req.edge_confidence,
+                metadata=req.metadata,
+            )
+        self._learn_cloud(rid, answer)
+
+    def feedback(self, request_id: str, label: int | str) -> int:
+        """Keep an inspector's label for a recent or escalated case; returns the label index."""
+        runtime = self._runtime
+        if isinstance(label, str):
+            if label not in runtime.labels:
+                raise FeedbackError(f"label {label!r} is not one of the model's labels {runtime.labels}")
+            index = runtime.labels.index(label)
+        else:
+            index = int(label)
+            if not 0 <= index < len(runtime.labels):
+                raise FeedbackError(f"label {index} is outside 0..{len(runtime.labels) - 1}")
+        if self.learning is None:
+            raise FeedbackError("the learning store is disabled on this agent; feedback is not kept")
+        if self.learning.get(request_id) is None and not self._keep_for_learning(request_id):
+            raise FeedbackError(
+                f"request {request_id!r} is unknown here: it was never answered by this agent or is too old "
+                f"(the last {self._recent_max} cases are kept for feedback)"
+            )
+        self.learning.confirm(request_id, index)
+        self._stats.feedback += 1
+        return index
+
+    def _remember(self, request_id: str, case: _Recent) -> None:
+        self._recent[request_id] = case
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    def _keep_for_learning(self, request_id: str) -> bool:
+        case = self._recent.get(request_id)
+        if self.learning is None or case is None:
+            return False
+        self.learning.record_case(
+            request_id,
+            case.tensor,
+            task=case.task,
+            model_name=case.model_name,
+            model_version=case.model_version,
+            edge_label=case.edge_label,
+            edge_confidence=case.edge_confidence,
+            metadata=case.metadata,
+        )
+        return True
+
+    def _learn_cloud(self, request_id: str, cloud: CloudAnswer) -> None:
+        a = cloud.answer
+        if self.learning is None or a.label is None:
+            return
+        model = f"{a.model_name}:{a.model_version}" if a.model_name else None
+        self.learning.record_cloud(request_id, a.label, cloud.probabilities, model)
+
 
 def _cloud_fields(cloud: CloudAnswer, labels: list[str]) -> tuple[str | None, dict[str, object] | None]:
     a = cloud.answer
@@ -199,9 +355,7 @@ def _cloud_fields(cloud: CloudAnswer, labels: list[str]) -> tuple[str | None, di
         log.warning("hub answered escalation %s with an error (%s): %s", a.request_id, a.error_kind, a.error)
         return f"hub error: {a.error_kind or 'error'}: {a.error or 'no detail'}", None
     if a.label is None or not 0 <= a.label < len(labels):
-        log.warning(
-            "hub answered escalation %s with label %r outside 0..%d", a.request_id, a.label, len(labels) - 1
-        )
+        log.warning("hub answered escalation %s with label %r outside 0..%d", a.request_id, a.label, len(labels) - 1)
         return f"hub answered label {a.label!r}, which this model's {len(labels)} labels do not have", None
     probs: list[float] | None = None
     if cloud.probabilities is not None:

@@ -21,6 +21,7 @@ __all__ = [
     "EscalationAnswer",
     "DeviceStatus",
     "Assignment",
+    "Telemetry",
     "encode_request",
     "decode_request",
     "encode_answer",
@@ -80,6 +81,8 @@ class DeviceStatus(_Wire):
     model_name: str = ""
     model_version: str = ""
     at: float = Field(default_factory=time.time)
+    # Why the last assigned bundle was refused (verification or load failed); empty when none was.
+    last_error: str = ""
 
 
 class Assignment(_Wire):
@@ -87,6 +90,36 @@ class Assignment(_Wire):
 
     model_name: str
     version: str
+
+
+class Telemetry(_Wire):
+    """Agent -> hub on ``edgefed/v1/{device_id}/telemetry`` (QoS 0, periodic): counters since start.
+
+    Latencies are percentiles (``p50``, ``p90``, ``p99``, milliseconds) over recent cases; None while
+    there were none. ``breaker`` is the escalation circuit breaker's state.
+    """
+
+    device_id: str
+    region: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    policy: str = ""
+    requests: int = 0
+    edge: int = 0
+    cloud: int = 0
+    fallback: int = 0
+    escalations_sent: int = 0
+    escalation_timeouts: int = 0
+    late_answers: int = 0
+    duplicate_answers: int = 0
+    outbox_depth: int = 0
+    outbox_evicted: int = 0
+    breaker: Literal["closed", "open", "half-open"] = "closed"
+    local_latency_ms: dict[str, float | None] = Field(default_factory=dict)
+    cloud_latency_ms: dict[str, float | None] = Field(default_factory=dict)
+    learning_cases: int = 0
+    uptime_s: float = 0.0
+    at: float = Field(default_factory=time.time)
 
 
 def encode_request(req: EscalationRequest, tensor: np.ndarray) -> bytes:

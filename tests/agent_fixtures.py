@@ -42,12 +42,14 @@ __all__ = [
     "LABELS",
     "SCALE",
     "AgentProcess",
+    "ServedApp",
     "Responder",
     "StandInHub",
     "install_bundle",
     "make_bundle",
     "make_onnx_model",
     "tensor_with_confidence",
+    "wait_until",
 ]
 
 LABELS = ["ok", "defect"]
@@ -221,13 +223,9 @@ class Responder:
     def _send(self, msg: Message, answer: EscalationAnswer, probs: np.ndarray | None) -> None:
         assert self.client is not None and msg.response_topic
         if self.malformed_first:
-            self.client.publish(
-                msg.response_topic, b"EFT1 not a frame", correlation_data=msg.correlation_data
-            )
+            self.client.publish(msg.response_topic, b"EFT1 not a frame", correlation_data=msg.correlation_data)
         for _ in range(self.copies):
-            self.client.publish(
-                msg.response_topic, encode_answer(answer, probs), correlation_data=msg.correlation_data
-            )
+            self.client.publish(msg.response_topic, encode_answer(answer, probs), correlation_data=msg.correlation_data)
 
 
 @pytest.fixture
@@ -288,9 +286,7 @@ class StandInHub:
             self.running.append((device_id, body.model_name, body.version))
             return {"status": "ok"}
 
-        self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -357,9 +353,7 @@ class AgentProcess:
             str(self.port),
             *(extra or []),
         ]
-        self.process = ManagedProcess(
-            f"agent-{device_id}", argv, data_dir.parent / f"agent-{device_id}.log", env=env
-        )
+        self.process = ManagedProcess(f"agent-{device_id}", argv, data_dir.parent / f"agent-{device_id}.log", env=env)
 
     @property
     def url(self) -> str:
@@ -379,3 +373,39 @@ class AgentProcess:
 
     def log(self) -> str:
         return self.process.log_tail(200)
+
+
+# --- an in-process agent's app on a real port (for CLI tests) ------------------------------------
+class ServedApp:
+    """Serves an ASGI app with uvicorn on a free loopback port in a thread; ``stop()`` ends it."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServedApp:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("app server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``check`` every 20 ms; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.02)

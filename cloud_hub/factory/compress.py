@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_hub.factory.evaluate import confidence_quantiles, evaluate_model, make_session, onnx_logits
+from cloud_hub.factory.evaluate import evaluate_model, make_session, onnx_logits, score_quantiles
 from cloud_hub.factory.quantize import QuantSettings, export_onnx, preprocess_onnx, quantize_int8
 from shared.bundle import BundleMetrics, InputSpec, Manifest, Provenance, VerifiedBundle, write_bundle
 from shared.bundle.signing import generate_keypair, load_private_key
@@ -167,7 +167,9 @@ def compress_checkpoint(
             fp32_latency_ms=round(fp32_report.latency_ms, 4),
             int8_latency_ms=round(int8_report.latency_ms, 4),
             holdout_size=len(test_y),
-            calibration_confidence_quantiles=confidence_quantiles(cal_logits),
+            calibration_confidence_quantiles=score_quantiles(cal_logits, "confidence"),
+            calibration_margin_quantiles=score_quantiles(cal_logits, "margin"),
+            calibration_entropy_quantiles=score_quantiles(cal_logits, "entropy"),
         )
         manifest = Manifest(
             name=name or f"{meta.task}-edge",

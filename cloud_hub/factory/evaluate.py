@@ -17,6 +17,7 @@ __all__ = [
     "accuracy",
     "measure_latency_ms",
     "confidence_quantiles",
+    "score_quantiles",
     "evaluate_model",
 ]
 
@@ -74,12 +75,21 @@ def measure_latency_ms(session: Any, sample: np.ndarray, runs: int = 200, warmup
     return float(np.median(times) * 1000.0)
 
 
-def confidence_quantiles(logits: np.ndarray, n: int = 101) -> list[float]:
-    """Quantiles 0, 1/(n-1), ..., 1 of the max softmax probability (for escalation thresholds)."""
+def score_quantiles(logits: np.ndarray, score: str = "confidence", n: int = 101) -> list[float]:
+    """Quantiles 0, 1/(n-1), ..., 1 of a certainty score (``edge_agent.scores``: confidence, margin,
+    entropy) over the given predictions; the agent's escalation policies calibrate from these."""
+    from edge_agent.scores import score_fn
+
     if len(logits) == 0:
-        raise ValueError("cannot compute confidence quantiles of no predictions")
-    conf = softmax(logits.astype(np.float64)).max(axis=1)
-    return [round(float(q), 6) for q in np.quantile(conf, np.linspace(0.0, 1.0, n))]
+        raise ValueError(f"cannot compute {score} quantiles of no predictions")
+    fn = score_fn(score)
+    values = np.array([fn(p) for p in softmax(logits.astype(np.float64))])
+    return [round(float(q), 6) for q in np.quantile(values, np.linspace(0.0, 1.0, n))]
+
+
+def confidence_quantiles(logits: np.ndarray, n: int = 101) -> list[float]:
+    """Quantiles of the max softmax probability (for escalation thresholds)."""
+    return score_quantiles(logits, "confidence", n)
 
 
 def evaluate_model(

@@ -56,6 +56,10 @@ class BundleMetrics(_Strict):
     holdout_size: int | None = None
     # Confidence (max softmax) of the INT8 model on the calibration split, for escalation policies.
     calibration_confidence_quantiles: list[float] | None = None
+    # Same split, same 101 quantiles (0 %, 1 %, ..., 100 %), of top-1 minus top-2 probability.
+    calibration_margin_quantiles: list[float] | None = None
+    # Same split, same quantiles, of 1 - entropy / log(K) (Sedna's cross-entropy score; 1 = certain).
+    calibration_entropy_quantiles: list[float] | None = None
 
 
 class Provenance(_Strict):

@@ -74,6 +74,7 @@ def test_healthz_reports_the_model_and_the_broker(client: TestClient) -> None:
         "model_version": "1.0.0",
         "policy": "threshold",
         "broker_connected": True,
+        "breaker": "closed",
     }
 
 
@@ -94,9 +95,7 @@ def test_unsure_image_is_escalated(client: TestClient) -> None:
 
 
 def test_tensor_frame(client: TestClient) -> None:
-    r = client.post(
-        "/v1/infer", content=frame(tensor_with_confidence(0.9, label=0)), headers={"Content-Type": TENSOR}
-    )
+    r = client.post("/v1/infer", content=frame(tensor_with_confidence(0.9, label=0)), headers={"Content-Type": TENSOR})
     assert r.status_code == 200
     assert (r.json()["label"], r.json()["source"]) == (0, "edge")
     assert r.json()["probabilities"] == pytest.approx([0.9, 0.1], abs=1e-4)
@@ -134,9 +133,7 @@ def test_bad_input_gets_4xx_naming_the_problem(
     assert set(r.json()) == {"detail"}
     assert re.search(detail, r.json()["detail"]), r.json()["detail"]
     # ... and the agent keeps serving.
-    ok = client.post(
-        "/v1/infer", content=frame(tensor_with_confidence(0.9)), headers={"Content-Type": TENSOR}
-    )
+    ok = client.post("/v1/infer", content=frame(tensor_with_confidence(0.9)), headers={"Content-Type": TENSOR})
     assert ok.status_code == 200
 
 
@@ -147,6 +144,14 @@ def test_stats_count_requests_and_escalations(client: TestClient) -> None:
     client.post("/v1/infer", content=b"", headers={"Content-Type": TENSOR})
     after = client.get("/v1/stats").json()
     delta = {k: after["requests"][k] - before["requests"][k] for k in after["requests"]}
-    assert delta == {"requests": 2, "edge": 1, "cloud": 1, "fallback": 0}
+    assert delta == {
+        "requests": 2,
+        "edge": 1,
+        "cloud": 1,
+        "fallback": 0,
+        "short_circuited": 0,
+        "late_applied": 0,
+        "feedback": 0,
+    }
     assert after["escalation"]["sent"] - before["escalation"]["sent"] == 1
     assert after["escalation"]["answered"] - before["escalation"]["answered"] == 1

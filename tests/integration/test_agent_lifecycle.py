@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from edge_agent.agent import Agent, AgentStartError
 from edge_agent.bundles import TrustError
 from edge_agent.config import AgentSettings, build_settings
 from shared import topics
-from shared.bundle import MANIFEST_FILE, VerifiedBundle, pack_bundle
+from shared.bundle import MANIFEST_FILE, VerifiedBundle, pack_bundle, write_bundle
 from shared.messages import Assignment, DeviceStatus
 from shared.mqtt import Message, MqttClient
 from shared.processes import free_port
@@ -318,3 +319,40 @@ def test_running_version_is_reported_once_the_hub_is_back(
         assert late_hub.running == [(DEVICE, "tiny", "1.0.0")]
     finally:
         late_hub.stop()
+
+
+def test_unloadable_bundle_is_refused_and_reported_while_the_old_model_serves(
+    settings_for,
+    agents: list[Agent],
+    hub: StandInHub,
+    bundle_v1: VerifiedBundle,  # noqa: ANN001
+    signing_keys: SigningKeys,
+    tmp_path: Path,
+    watch,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub.publish(bundle_v1)
+    agent = start(agents, settings_for(hub.url))
+    assert agent.service is not None and agent.app is not None
+    # Correctly signed, hash matches, but not an ONNX model: verification passes, loading fails.
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not an onnx model")
+    v1m = bundle_v1.manifest
+    broken = write_bundle(
+        tmp_path / "made" / "tiny-3.0.0", garbage, v1m.model_copy(update={"version": "3.0.0"}), signing_keys.private
+    )
+    hub.publish(broken)
+    with caplog.at_level(logging.ERROR):
+        assert agent.apply_assignment() is False
+    assert "cannot serve tiny:3.0.0" in caplog.text and "keeping tiny:1.0.0" in caplog.text
+    assert agent.service.runtime.version == "1.0.0"
+    assert asyncio.run(agent.service.infer(tensor_with_confidence(0.95))).model_version == "1.0.0"
+    status = watch().next(lambda s: s.last_error != "")
+    assert (status.state, status.model_version) == ("online", "1.0.0")
+    assert status.last_error.startswith("cannot serve tiny:3.0.0: onnxruntime cannot load")
+    with TestClient(agent.app) as client:
+        assert client.get("/healthz").json()["update_error"] == status.last_error
+    # A good update clears the report.
+    hub.publish(make_bundle(tmp_path / "made" / "tiny-4.0.0", signing_keys.private, version="4.0.0"))
+    assert agent.apply_assignment() is True
+    assert watch().next(lambda s: s.model_version == "4.0.0").last_error == ""

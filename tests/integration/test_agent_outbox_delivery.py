@@ -89,3 +89,28 @@ def test_cases_queued_while_the_broker_is_down_are_sent_after_it_restarts(
         assert asyncio.run(edge.infer(tensor_with_confidence(0.6))).source == "cloud"
     finally:
         responder.stop()
+
+
+def test_unanswered_rounds_back_off_and_a_reconnect_resets_the_wait(broker, tmp_path: Path) -> None:  # noqa: ANN001
+    mqtt = MqttClient(broker.url, "agent-backoff")
+    escalator = EscalationClient(mqtt, "cam-backoff")
+    escalator.subscribe()
+    outbox = Outbox(tmp_path / "o.sqlite3").open()
+    outbox.put("only", b"not-even-a-frame")  # nobody answers: every round is a failure
+    sender = OutboxSender(outbox, escalator, timeout_s=0.02, idle_s=0.02, max_backoff_s=0.32)
+    mqtt.start()
+    sender.start()
+    try:
+        time.sleep(1.5)
+        # Without backoff: about 1.5 / 0.04 = 37 rounds. With doubling waits (0.04, 0.08 ... 0.32, 0.32 ...):
+        # about 8.
+        assert 4 <= sender.rounds <= 12, sender.rounds
+        before = sender.rounds
+        sender.kick()
+        wait_until(lambda: sender.rounds > before, timeout=0.2)  # at once, not after the 0.32 s wait
+        # Each failed round is counted on the case, which stays queued.
+        wait_until(lambda: outbox.oldest(1)[0].attempts >= before + 1, timeout=1.0)
+    finally:
+        sender.stop()
+        mqtt.stop()
+        outbox.close()

@@ -34,9 +34,7 @@ def _command() -> list[str]:
 def _no_torch_env(tmp_path: Path) -> dict[str, str]:
     blocker = tmp_path / "no-torch"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\nsys.modules['torch'] = None  # as if not installed\n"
-    )
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # as if not installed\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(blocker), env.get("PYTHONPATH")) if p)
     return env
@@ -52,9 +50,7 @@ def test_agent_process_serves_escalates_and_stops_cleanly(
     hub.publish(bundle_v1)
     statuses: queue.Queue[DeviceStatus] = queue.Queue()
     watcher = MqttClient(broker.url, "watcher")
-    watcher.subscribe(
-        topics.status("cam-proc"), lambda m: statuses.put(DeviceStatus.model_validate_json(m.payload))
-    )
+    watcher.subscribe(topics.status("cam-proc"), lambda m: statuses.put(DeviceStatus.model_validate_json(m.payload)))
     watcher.start()
     agent = AgentProcess(
         hub_url=hub.url,

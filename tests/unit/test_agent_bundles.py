@@ -81,9 +81,7 @@ def test_bundle_signed_by_an_untrusted_key_is_refused(store: BundleStore, tmp_pa
 
 def test_install_checks_the_assignment(store: BundleStore, bundle_v1: VerifiedBundle) -> None:
     archive = pack_bundle(bundle_v1.path)
-    good = AssignmentPublic(
-        device_id="d", model_name="tiny", version="1.0.0", sha256=bundle_v1.manifest.model_sha256
-    )
+    good = AssignmentPublic(device_id="d", model_name="tiny", version="1.0.0", sha256=bundle_v1.manifest.model_sha256)
     assert store.install(archive, good).manifest.version == "1.0.0"
     with pytest.raises(BundleError, match="hub assigned tiny:2.0.0 but the downloaded bundle is tiny:1.0.0"):
         store.install(archive, good.model_copy(update={"version": "2.0.0"}))
@@ -141,9 +139,7 @@ def test_trusted_keys_from_file_or_pin(tmp_path: Path, signing_keys: SigningKeys
     pin = tmp_path / "pin.pem"
     pin.write_bytes(signing_keys.public_pem)
     assert len(load_trusted_keys(None, pin, unreachable)) == 1
-    with pytest.raises(
-        TrustError, match="no --trusted-key given, no pinned keys .* cannot verify any bundle"
-    ):
+    with pytest.raises(TrustError, match="no --trusted-key given, no pinned keys .* cannot verify any bundle"):
         load_trusted_keys(None, tmp_path / "nothing.pem", unreachable)
     with pytest.raises(TrustError, match="cannot read trusted key"):
         load_trusted_keys(tmp_path / "missing.pem", pin, unreachable)

@@ -10,9 +10,7 @@ from typer.testing import CliRunner
 from edge_agent.cli import agent_app
 from edge_agent.config import AgentSettings, SettingsError, build_settings
 
-BASE = dict(
-    hub_url="http://127.0.0.1:8080/", broker_url="mqtt://127.0.0.1:1883", device_id="cam-1", region="r1"
-)
+BASE = dict(hub_url="http://127.0.0.1:8080/", broker_url="mqtt://127.0.0.1:1883", device_id="cam-1", region="r1")
 
 
 def test_defaults_and_derived_paths() -> None:
@@ -78,3 +76,35 @@ def test_every_option_has_an_envvar_and_help() -> None:
     for p in options:
         assert p.envvar and str(p.envvar).startswith("EDGEFED_"), p.name
         assert p.help, p.name
+
+
+def test_new_settings_reach_the_policy_and_the_redactor() -> None:
+    s = build_settings(
+        **BASE, policy="budget", budget_rate=0.15, budget_score="margin", redact="operator:hash,serial:mask"
+    )
+    cfg = s.policy_config
+    assert (cfg.name, cfg.budget_rate, cfg.budget_score) == ("budget", 0.15, "margin")
+    assert [(r.field, r.action) for r in s.redact] == [("operator", "hash"), ("serial", "mask")]
+    assert s.learning_path.name == "learning.sqlite3" and s.breaker_failures == 5
+    assert "salt-value" not in repr(build_settings(**BASE, redact_salt="salt-value"))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDGEFED_REDACT": "operator:shred"}, "error: redact: redaction rule 'operator:shred': unknown action"),
+        ({"EDGEFED_POLICY": "budget", "EDGEFED_BUDGET": "1.5"}, "error: budget_rate: "),
+        ({"EDGEFED_BUDGET_SCORE": "loss"}, "error: budget_score: "),
+        ({"EDGEFED_BREAKER_COOLDOWN": "0"}, "error: breaker_cooldown_s: "),
+    ],
+)
+def test_cli_refuses_bad_new_settings_from_the_environment(env: dict[str, str], message: str) -> None:
+    base = {
+        "EDGEFED_HUB_URL": "http://h:1",
+        "EDGEFED_BROKER_URL": "mqtt://h:1",
+        "EDGEFED_DEVICE_ID": "c",
+        "EDGEFED_REGION": "r",
+    }
+    r = _run(env={**base, **env})
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(message), r.output

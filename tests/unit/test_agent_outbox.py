@@ -49,3 +49,11 @@ def test_misuse_is_explained(tmp_path: Path) -> None:
         Outbox(tmp_path / "o.sqlite3", max_items=0)
     with pytest.raises(RuntimeError, match="is not open; call open"):
         len(Outbox(tmp_path / "o.sqlite3"))
+
+
+def test_take_returns_the_payload_once(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3").open()
+    box.put("a", b"payload-a")
+    assert box.take("a") == b"payload-a"
+    assert box.take("a") is None and box.remove("a") is False  # a second answer finds nothing
+    assert box.delivered == 1 and len(box) == 0

@@ -7,15 +7,19 @@ import math
 import numpy as np
 import pytest
 
+from edge_agent.budget import BudgetPolicy, threshold_from_quantiles
 from edge_agent.policy import (
     POLICIES,
     CloudOnlyPolicy,
     EdgeOnlyPolicy,
+    PolicyConfig,
     PolicyError,
     ThresholdPolicy,
     make_policy,
     max_confidence,
 )
+from edge_agent.scores import ScoreError, confidence, entropy_score, margin
+from shared.bundle.manifest import BundleMetrics
 
 
 def probs(top: float) -> np.ndarray:
@@ -52,7 +56,7 @@ def test_fixed_modes_ignore_confidence() -> None:
 
 
 def test_make_policy_by_name() -> None:
-    assert set(POLICIES) == {"threshold", "edge-only", "cloud-only"}
+    assert set(POLICIES) == {"threshold", "margin", "entropy", "budget", "edge-only", "cloud-only"}
     p = make_policy("threshold", 0.6)
     assert isinstance(p, ThresholdPolicy) and p.threshold == 0.6 and p.name == "threshold"
     assert make_policy("edge-only").name == "edge-only"
@@ -68,11 +72,103 @@ def test_invalid_threshold_is_refused_with_the_value(bad: object) -> None:
 
 
 def test_unknown_policy_names_the_choices() -> None:
-    with pytest.raises(PolicyError, match="'budget'.*threshold, edge-only, cloud-only"):
-        make_policy("budget")
+    with pytest.raises(PolicyError, match="'oracle'.*threshold, margin, entropy, budget, edge-only, cloud-only"):
+        make_policy("oracle")
 
 
 def test_max_confidence() -> None:
     assert max_confidence(np.array([[0.2, 0.7, 0.1]])) == pytest.approx(0.7)
     with pytest.raises(PolicyError, match="empty"):
         max_confidence(np.array([]))
+
+
+# --- scores, margin, entropy ---------------------------------------------------------------------
+def test_scores_are_certainties_in_0_1() -> None:
+    p = np.array([0.5, 0.3, 0.2])
+    assert confidence(p) == pytest.approx(0.5)
+    assert margin(p) == pytest.approx(0.2)
+    uniform, onehot = np.full(4, 0.25), np.array([0.0, 1.0, 0.0, 0.0])
+    assert entropy_score(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert entropy_score(onehot) == pytest.approx(1.0)
+    # Sedna's CrossEntropyFilter score: 1 + sum(p log p) / log K
+    assert entropy_score(p) == pytest.approx(1 + float((p * np.log(p)).sum()) / math.log(3))
+    with pytest.raises(ScoreError, match="NaN"):
+        margin(np.array([np.nan, 0.5]))
+
+
+def test_margin_and_entropy_policies_use_their_own_score() -> None:
+    # Same top-1 confidence, different runner-up: only margin and entropy tell them apart.
+    close, clear = np.array([0.45, 0.40, 0.15]), np.array([0.45, 0.10, 0.10, 0.10, 0.10, 0.15])
+    m = make_policy("margin", 0.2)
+    assert m.name == "margin" and m.should_escalate(close) and not m.should_escalate(clear)
+    t = make_policy("threshold", 0.5)
+    assert t.should_escalate(close) and t.should_escalate(clear)
+    e = make_policy("entropy", 0.5)
+    assert e.should_escalate(np.array([0.5, 0.5])) and not e.should_escalate(np.array([0.99, 0.01]))
+
+
+# --- budget ---------------------------------------------------------------------------------------
+def _two_class(conf: np.ndarray) -> list[np.ndarray]:
+    return [np.array([1 - c, c]) for c in conf]
+
+
+def test_budget_threshold_comes_from_the_manifest_quantiles() -> None:
+    quantiles = list(np.linspace(0.5, 1.0, 101))  # uniform confidence on [0.5, 1]
+    policy = make_policy(
+        PolicyConfig(name="budget", budget_rate=0.1),
+        calibration=BundleMetrics(calibration_confidence_quantiles=quantiles),
+    )
+    assert isinstance(policy, BudgetPolicy) and policy.source == "calibration"
+    assert policy.threshold == pytest.approx(0.55)
+    assert threshold_from_quantiles([0.0, 1.0], 0.25) == pytest.approx(0.25)
+
+
+def test_budget_uses_the_quantiles_of_its_score_or_falls_back() -> None:
+    metrics = BundleMetrics(calibration_margin_quantiles=list(np.linspace(0, 1, 101)))
+    by_margin = BudgetPolicy(0.2, score="margin", calibration=metrics)
+    assert (by_margin.source, by_margin.threshold) == ("calibration", pytest.approx(0.2))
+    no_stats = BudgetPolicy(0.2, score="confidence", calibration=metrics, fallback_threshold=0.7)
+    assert (no_stats.source, no_stats.threshold) == ("fallback", 0.7)
+    broken = BundleMetrics(calibration_confidence_quantiles=[0.9, 0.5, float("nan")])
+    assert BudgetPolicy(0.2, calibration=broken).source == "fallback"
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_budget_keeps_the_live_rate_on_target_as_traffic_drifts(calibrated: bool) -> None:
+    rng = np.random.default_rng(0)
+    metrics = BundleMetrics(calibration_confidence_quantiles=list(np.linspace(0.5, 1.0, 101)))
+    policy = BudgetPolicy(0.1, calibration=metrics if calibrated else None, window=500)
+    # Phase 1 looks like the calibration split; phase 2 drifts to much less confident cases, where
+    # the calibrated threshold alone would escalate about 60 %.
+    phase1 = rng.uniform(0.5, 1.0, 3000)
+    phase2 = rng.uniform(0.5, 0.6, 3000)
+    d1 = [policy.should_escalate(p) for p in _two_class(phase1)]
+    d2 = [policy.should_escalate(p) for p in _two_class(phase2)]
+    assert np.mean(d1[1000:]) == pytest.approx(0.1, abs=0.02)
+    assert np.mean(d2[1000:]) == pytest.approx(0.1, abs=0.02)
+    assert policy.source == "live" and policy.live_rate == pytest.approx(0.1, abs=0.03)
+
+
+def test_budget_recalibrates_on_a_new_model_and_handles_ties() -> None:
+    policy = BudgetPolicy(0.1, window=200)
+    for _ in range(300):  # a saturated model: every case has confidence 1.0
+        policy.should_escalate(np.array([0.0, 1.0]))
+    assert policy.live_rate == 0.0
+    policy.calibrate(BundleMetrics(calibration_confidence_quantiles=list(np.linspace(0.5, 1.0, 101))))
+    assert (policy.source, policy.live_rate) == ("calibration", None)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (dict(name="budget", budget_rate=0.1, budget_window=10, threshold=0.8), None),
+        (dict(name="budget", budget_rate=1.5), "less than or equal to 1"),
+        (dict(name="budget", budget_score="loss"), "budget_score"),
+    ],
+)
+def test_budget_config_validation(cfg: dict, match: str | None) -> None:
+    if match is None:
+        assert make_policy(PolicyConfig(**cfg)).name == "budget"
+        return
+    with pytest.raises(ValueError, match=match):
+        make_policy(PolicyConfig(**cfg))

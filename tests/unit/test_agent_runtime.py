@@ -46,9 +46,7 @@ def test_dynamic_batch_is_accepted(runtime: EdgeRuntime) -> None:
         (np.where(np.eye(8)[None, None] > 0, np.inf, 0).astype(np.float32), r"8 NaN or infinite"),
     ],
 )
-def test_bad_inputs_are_refused_before_onnxruntime(
-    runtime: EdgeRuntime, tensor: np.ndarray, message: str
-) -> None:
+def test_bad_inputs_are_refused_before_onnxruntime(runtime: EdgeRuntime, tensor: np.ndarray, message: str) -> None:
     with pytest.raises(InputError, match=message):
         runtime.predict(tensor)
 
@@ -81,9 +79,7 @@ def _bundle_with(tmp_path: Path, keys: SigningKeys, model: Path, **manifest: obj
     return write_bundle(tmp_path / "odd", model, Manifest(**fields), keys.private)  # type: ignore[arg-type]
 
 
-def test_manifest_contradicting_the_model_is_refused_at_load(
-    tmp_path: Path, signing_keys: SigningKeys
-) -> None:
+def test_manifest_contradicting_the_model_is_refused_at_load(tmp_path: Path, signing_keys: SigningKeys) -> None:
     model = make_onnx_model(tmp_path / "m.onnx")
     with pytest.raises(ModelError, match="outputs 2 classes; its manifest lists 3 labels"):
         EdgeRuntime.load(_bundle_with(tmp_path, signing_keys, model, labels=["a", "b", "c"]))
