@@ -18,6 +18,7 @@ from cloud_hub.cli import push as _push
 from cloud_hub.factory.cli import compress as _compress
 from cloud_hub.factory.cli import train as _train
 from edge_agent.cli import agent_app
+from shared.bench.cli import bench_app
 
 __all__ = ["app", "main"]
 
@@ -39,6 +40,7 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(model_app, name="model")
 app.add_typer(agent_app, name="agent")
 app.add_typer(device_app, name="device")
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()

@@ -10,6 +10,7 @@ import pytest
 COMMANDS = [
     [], ["broker"], ["demo"], ["hub", "serve"], ["agent", "run"], ["model", "train"], ["model", "compress"],
     ["model", "push"], ["model", "list"], ["device", "register"], ["device", "list"],
+    ["bench", "edge"], ["bench", "cascade"], ["bench", "transport"],
 ]
 
 
