@@ -46,7 +46,7 @@ def train(
         int | None,
         typer.Option(
             envvar="EDGEFED_EPOCHS",
-            help="Cloud model epochs (edge model: 3x); default per task (ELPV 6).",
+            help="Epochs of each model; default per task (ELPV 18, Fashion-MNIST 6).",
             show_default=False,
         ),
     ] = None,

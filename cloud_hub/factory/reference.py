@@ -6,12 +6,12 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud_hub.factory.compress import compress_checkpoint, ensure_signing_key, public_key_path
-from cloud_hub.factory.train import train_models
+from cloud_hub.factory.train import TrainConfig, train_models
 from shared.bundle import BundleError, VerifiedBundle, load_public_key, open_bundle
 
 __all__ = ["ReferenceModels", "build_reference_models"]
@@ -35,7 +35,9 @@ def _train_key(
     task: str, epochs: int | None, resolution: int | tuple[int, int] | None, limit: int | None, seed: int
 ) -> dict[str, object]:
     res = [resolution, resolution] if isinstance(resolution, int) else (list(resolution) if resolution else None)
-    return {"task": task, "epochs": epochs, "resolution": res, "limit": limit, "seed": seed}
+    # The training recipe is part of the key, so checkpoints cached under older defaults are retrained.
+    recipe = asdict(TrainConfig())
+    return {"task": task, "epochs": epochs, "resolution": res, "limit": limit, "seed": seed, "recipe": recipe}
 
 
 def build_reference_models(

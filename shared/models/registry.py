@@ -7,13 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from shared.models.networks import CloudResNet, EdgeCNN
+from shared.models.networks import CloudCNN, CloudResNet, EdgeCNN
 
 __all__ = ["ARCHITECTURES", "build_model"]
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "edge-cnn": EdgeCNN,
     "cloud-resnet": CloudResNet,
+    "cloud-cnn": CloudCNN,
 }
 
 

@@ -226,3 +226,22 @@ def test_decode_image_refuses_huge_images() -> None:
     Image.new("1", (side, side)).save(buf, format="PNG")
     with pytest.raises(ImageDecodeError, match="megapixels"):
         decode_image(buf.getvalue(), spec)
+
+
+def test_elpv_soft_labels_keep_annotator_doubt_and_follow_subsets() -> None:
+    from shared.data.tasks import _elpv_soft_labels
+
+    probs = np.array([0.0, 1 / 3, 2 / 3, 1.0])
+    soft = _elpv_soft_labels("elpv", probs)
+    assert soft is not None and soft.dtype == np.float32 and soft.shape == (4, 2)
+    np.testing.assert_allclose(soft[:, 1], probs, atol=1e-6)
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    # The hard label is the soft label's argmax (p = 1/2 never occurs in ELPV).
+    np.testing.assert_array_equal(soft.argmax(1), (probs >= 0.5).astype(int))
+    assert _elpv_soft_labels("elpv4", probs) is None  # its labels already are the levels
+
+    ds = _elpv_like(4)
+    assert ds.soft_labels is None and ds.subset(np.arange(3)).soft_labels is None
+    with_soft = Dataset(ds.task, ds.images, ds.labels, ds.groups, ds.types, np.eye(2, dtype=np.float32)[ds.labels])
+    sub = with_soft.subset(np.array([5, 1]))
+    np.testing.assert_array_equal(sub.soft_labels, np.eye(2, dtype=np.float32)[ds.labels[[5, 1]]])

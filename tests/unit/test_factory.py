@@ -6,9 +6,11 @@ Real torch training, real ONNX export, real onnxruntime quantization and session
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ def test_training_writes_both_checkpoints_with_metadata(ref) -> None:  # noqa: A
     from shared.models import load_checkpoint
 
     for path, role, arch in (
-        (ref.cloud_checkpoint, "cloud", "cloud-resnet"),
+        (ref.cloud_checkpoint, "cloud", "cloud-cnn"),
         (ref.edge_checkpoint, "edge", "edge-cnn"),
     ):
         ck = load_checkpoint(path)
@@ -52,6 +54,8 @@ def test_training_writes_both_checkpoints_with_metadata(ref) -> None:  # noqa: A
         assert ck.meta.input.shape == [1, 1, 32, 32]
         assert ck.meta.input.mean == [pytest.approx(0.5971)]
         assert 0.0 <= ck.meta.metrics["test_accuracy"] <= 1.0
+        # The cloud model averages over flips itself, so every consumer of the checkpoint gets it.
+        assert ck.meta.arch_kwargs.get("tta") == ("flips" if role == "cloud" else None)
     assert (ref.cloud_checkpoint.parent / "train_metrics.json").is_file()
 
 
@@ -71,6 +75,8 @@ def test_bundle_verifies_and_runs_with_its_own_input_spec(ref) -> None:  # noqa:
     assert met.fp32_latency_ms > 0 and met.int8_latency_ms > 0
     q = met.calibration_confidence_quantiles
     assert q is not None and len(q) == 101 and q[0] >= 0.5 and q[-1] <= 1.0 and q == sorted(q)
+    for q in (met.calibration_margin_quantiles, met.calibration_entropy_quantiles):
+        assert q is not None and len(q) == 101 and 0.0 <= q[0] <= q[-1] <= 1.0 and q == sorted(q)
     assert m.provenance.source_checkpoint_sha256 and m.provenance.architecture == "edge-cnn"
     assert m.provenance.compression["per_channel"] is True
 
@@ -92,6 +98,10 @@ def test_reference_models_are_reused_when_settings_match(ref) -> None:  # noqa: 
     )
     assert (again.cloud_checkpoint.stat().st_mtime_ns, again.edge_checkpoint.stat().st_mtime_ns) == before
     assert again.bundle.manifest.signature == ref.bundle.manifest.signature
+    # The recipe is part of the cache key: checkpoints trained under other defaults are not reused.
+    from cloud_hub.factory.train import TrainConfig
+
+    assert json.loads((work / "reference.json").read_text())["recipe"] == asdict(TrainConfig())
 
 
 def test_compress_sets_identity_and_refuses_nonempty_output(ref, tmp_path: Path) -> None:  # noqa: ANN001
@@ -148,3 +158,80 @@ def test_cli_and_data_modules_do_not_import_torch_or_onnxruntime() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_a_square() -> None:
+    import torch
+
+    from shared.models.networks import TTA_VIEWS, dihedral
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = [dihedral(x, v) for v in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert torch.equal(dihedral(x, 1), torch.rot90(x, 1, dims=(-2, -1)))
+    # "flips" is the subgroup that keeps a cell upright: identity, both flips and their product.
+    flips = {tuple(dihedral(x, v).flatten().tolist()) for v in TTA_VIEWS["flips"]}
+    assert flips == {tuple(t.flatten().tolist()) for t in (x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2))}
+    with pytest.raises(ValueError, match="between 0 and 7"):
+        dihedral(x, 8)
+
+
+def test_cloud_tta_output_is_invariant_under_its_views_and_only_in_eval() -> None:
+    import torch
+
+    from shared.models import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 16, 16)
+    net = build_model("cloud-resnet", width=4, tta="dihedral", pool="avgmax").eval()
+    out = net(x)
+    assert out.shape == (3, 2)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(3))  # log of averaged probabilities
+    torch.testing.assert_close(net(torch.rot90(x, 1, dims=(-2, -1))), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(x.transpose(-2, -1)), out, atol=1e-5, rtol=1e-5)
+    flips = build_model("cloud-resnet", width=4, tta="flips").eval()
+    torch.testing.assert_close(flips(x.flip(-1)), flips(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flips(x.flip(-2)), flips(x), atol=1e-5, rtol=1e-5)
+    plain = build_model("cloud-resnet", width=4).eval()
+    assert not torch.allclose(plain(x.flip(-1)), plain(x), atol=1e-5)  # the test can fail
+    net.train()
+    assert net(x).shape == (3, 2) and not torch.allclose(net(x).logsumexp(1), torch.zeros(3))
+    with pytest.raises(ValueError, match="tta must be one of"):
+        build_model("cloud-resnet", tta="rotations")
+    with pytest.raises(ValueError, match="pool must be"):
+        build_model("cloud-resnet", pool="median")
+
+
+def test_tta_checkpoint_reloads_with_weights_only(tmp_path: Path) -> None:
+    import torch
+
+    from shared.bundle import InputSpec
+    from shared.models import CheckpointMeta, build_model, load_checkpoint, save_checkpoint
+
+    kwargs = {"in_channels": 1, "num_classes": 2, "width": 4, "tta": "flips", "pool": "avgmax"}
+    net = build_model("cloud-resnet", **kwargs).eval()
+    meta = CheckpointMeta(
+        name="c", version="1", role="cloud", task="elpv", arch="cloud-resnet", arch_kwargs=kwargs,
+        labels=["functional", "defective"], input=InputSpec(shape=[1, 1, 16, 16]),
+    )
+    save_checkpoint(tmp_path / "c.pt", meta, net)
+    back = load_checkpoint(tmp_path / "c.pt")  # torch.load(weights_only=True) inside
+    x = torch.randn(2, 1, 16, 16)
+    assert back.model.tta == "flips"
+    torch.testing.assert_close(back.model(x), net(x))
+
+
+def test_affine_augmentation_is_identity_at_zero_and_seeded() -> None:
+    import torch
+
+    from cloud_hub.factory.train import _affine, _augment_views
+
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(_affine(x, 0.0, 0.0, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
+    a = _affine(x, 2.0, 10.0, torch.Generator().manual_seed(1))
+    b = _affine(x, 2.0, 10.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, x)
+    views = torch.tensor([0, 5, 7, 2])
+    out = _augment_views(x, views)
+    for item, expected in zip(out, (x[0], x[1].flip(-1), x[2].flip(-2), x[3].flip(-1).flip(-2)), strict=True):
+        assert torch.equal(item, expected)
