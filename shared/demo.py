@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -88,6 +89,9 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
     t_start = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # Each run starts with a fresh broker, hub and agents; only the trained models are reused.
+    for state in ("broker", "hub", "agents", "logs"):
+        shutil.rmtree(workdir / state, ignore_errors=True)
     try:
         with ExitStack() as stack:
             report = _run(workdir, epochs, retrain, stack)
@@ -101,6 +105,10 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
     except KeyboardInterrupt:
         _say("interrupted; everything started was stopped")
         return 130
+    except Exception as exc:  # the demo's boundary: one clear line, the details are in the logs
+        _say(f"failed: {type(exc).__name__}: {exc}")
+        _say(f"process logs are in {workdir / 'logs'}; everything started was stopped")
+        return 1
 
 
 def _run(workdir: Path, epochs: int | None, retrain: bool, stack: ExitStack) -> DemoReport:
