@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.sqlite_wal import open_wal
 from shared.codec import decode_frame, encode_frame
 
 __all__ = ["LearnedCase", "LearningStore", "read_cases"]
@@ -112,12 +113,7 @@ class LearningStore:
         self._lock = threading.Lock()
 
     def open(self) -> LearningStore:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
-        self._db = db
+        self._db = open_wal(self.path, _SCHEMA)
         return self
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.escalation import CloudAnswer, EscalationClient
+from edge_agent.sqlite_wal import open_wal
 
 __all__ = ["Outbox", "OutboxItem", "OutboxSender"]
 
@@ -60,13 +61,7 @@ class Outbox:
         self._lock = threading.Lock()
 
     def open(self) -> Outbox:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # WAL + NORMAL: a commit survives a process crash without an fsync per escalation.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
-        self._db = db
+        self._db = open_wal(self.path, _SCHEMA)
         return self
 
     def close(self) -> None:

@@ -118,7 +118,9 @@ def _run(workdir: Path, epochs: int | None, retrain: bool, stack: ExitStack) -> 
     from shared.hub_client import HubClient
 
     _say(f"1/6 models: training (or reusing cached) cloud and edge models for {TASK!r} in {workdir / 'models'}")
-    key = workdir / "keys" / "factory.pem"
+    # The factory's default key location inside the models directory, so that other tools given
+    # the same directory (e.g. `edgefed bench edge --models demo-output/models`) sign alike.
+    key = workdir / "models" / "signing.key"
     cloud_ckpt, _, bundle = build_reference_models(
         workdir / "models", TASK, epochs=epochs, signing_key=key, force=retrain, progress=True
     )
