@@ -14,38 +14,10 @@ from cloud_hub.db.session import Database
 from cloud_hub.errors import Conflict, InvalidInput, NotFound
 from cloud_hub.registry.service import ModelVersionInfo, RegistryService
 from cloud_hub.security import generate_token, hash_token, token_matches
+from shared.api_schemas import DevicePublic
 from shared.topics import validate_device_id
 
-__all__ = ["DeviceInfo", "DeviceService", "StatusUpdate"]
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """A device as the API shows it; field names match ``shared.api_schemas.DevicePublic``."""
-
-    device_id: str
-    region: str
-    model_name: str | None
-    assigned_version: str | None
-    running_version: str | None
-    online: bool
-    last_seen: datetime | None
-    registered_at: datetime
-    escalations: int
-
-    @classmethod
-    def from_row(cls, row: DeviceRow) -> DeviceInfo:
-        return cls(
-            device_id=row.device_id,
-            region=row.region,
-            model_name=row.model_name,
-            assigned_version=row.assigned_version,
-            running_version=row.running_version,
-            online=row.online,
-            last_seen=row.last_seen,
-            registered_at=row.registered_at,
-            escalations=row.escalations,
-        )
+__all__ = ["DeviceService", "StatusUpdate"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +36,7 @@ class DeviceService:
 
     def register(
         self, device_id: str, region: str = "", model_name: str | None = None
-    ) -> tuple[DeviceInfo, str]:
+    ) -> tuple[DevicePublic, str]:
         """Register a device; return it with its token, which is not stored and never shown again."""
         try:
             validate_device_id(device_id)
@@ -83,22 +55,22 @@ class DeviceService:
             with self._db.session() as s:
                 s.add(row)
                 s.flush()
-                info = DeviceInfo.from_row(row)
+                info = DevicePublic.model_validate(row)
         except IntegrityError:
             raise Conflict(f"device {device_id} is already registered; its token stays valid") from None
         return info, token
 
-    def list(self, limit: int = 100, offset: int = 0) -> tuple[list[DeviceInfo], int]:
+    def list(self, limit: int = 100, offset: int = 0) -> tuple[list[DevicePublic], int]:
         with self._db.session() as s:
             total = s.scalar(select(func.count()).select_from(DeviceRow)) or 0
             rows = s.scalars(
                 select(DeviceRow).order_by(DeviceRow.device_id).limit(limit).offset(offset)
             ).all()
-            return [DeviceInfo.from_row(r) for r in rows], total
+            return [DevicePublic.model_validate(r) for r in rows], total
 
-    def get(self, device_id: str) -> DeviceInfo:
+    def get(self, device_id: str) -> DevicePublic:
         with self._db.session() as s:
-            return DeviceInfo.from_row(self._row(s, device_id))
+            return DevicePublic.model_validate(self._row(s, device_id))
 
     def authenticate(self, token: str) -> str | None:
         """The id of the device holding ``token``, or None."""
@@ -125,16 +97,16 @@ class DeviceService:
                 "push a bundle for it"
             ) from None
 
-    def assign(self, device_id: str, version: str | None) -> DeviceInfo:
+    def assign(self, device_id: str, version: str | None) -> DevicePublic:
         """Pin a device to ``version`` of its model (None: follow the newest version)."""
         with self._db.session() as s:
             row = self._row(s, device_id)
             if version is not None:
                 self._registry.get_version(row.model_name, version)
             row.assigned_version = version
-            return DeviceInfo.from_row(row)
+            return DevicePublic.model_validate(row)
 
-    def report_running(self, device_id: str, model_name: str, version: str) -> DeviceInfo:
+    def report_running(self, device_id: str, model_name: str, version: str) -> DevicePublic:
         """Record the version a device says it runs; it must be a registered version of its model."""
         with self._db.session() as s:
             row = self._row(s, device_id)
@@ -146,7 +118,7 @@ class DeviceService:
             self._registry.get_version(model_name, version)
             row.running_version = version
             row.last_seen = utcnow()
-            return DeviceInfo.from_row(row)
+            return DevicePublic.model_validate(row)
 
     def apply_activity(self, escalations: dict[str, int], statuses: dict[str, StatusUpdate]) -> None:
         """Add escalation counts and apply status changes in one transaction (unknown devices are ignored)."""

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from cloud_hub.api.deps import AdminDep, PrincipalDep, ServicesDep, ensure_device_or_admin
-from cloud_hub.devices import DeviceInfo
 from cloud_hub.errors import Forbidden
 from shared.api_schemas import (
     AssignmentPublic,
@@ -19,10 +18,6 @@ from shared.api_schemas import (
 )
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
-
-
-def _public(info: DeviceInfo) -> DevicePublic:
-    return DevicePublic.model_validate(info, from_attributes=True)
 
 
 @router.post("", status_code=201, response_model=DeviceCreated)
@@ -40,13 +35,13 @@ def list_devices(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DevicesPublic:
     devices, count = services.devices.list(limit, offset)
-    return DevicesPublic(data=[_public(d) for d in devices], count=count)
+    return DevicesPublic(data=devices, count=count)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, services: ServicesDep, principal: PrincipalDep) -> DevicePublic:
     ensure_device_or_admin(principal, device_id)
-    return _public(services.devices.get(device_id))
+    return services.devices.get(device_id)
 
 
 @router.get("/{device_id}/assignment", response_model=AssignmentPublic)
