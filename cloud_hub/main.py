@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from cloud_hub.api.errors import install_error_handlers
-from cloud_hub.api.routes import devices, health, keys, models, predict
+from cloud_hub.api.routes import devices, escalations, federation, health, keys, models, predict, rollouts, tokens
 from cloud_hub.config import HubSettings
 from cloud_hub.services import HubServices
 
@@ -36,7 +36,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (health, keys, models, devices, predict):
+    for module in (health, keys, models, devices, predict, tokens, escalations, federation, rollouts):
         app.include_router(module.router)
 
     @app.middleware("http")

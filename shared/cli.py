@@ -17,7 +17,9 @@ from cloud_hub.cli import list_models as _list_models
 from cloud_hub.cli import push as _push
 from cloud_hub.factory.cli import compress as _compress
 from cloud_hub.factory.cli import train as _train
+from cloud_hub.rollouts.cli import rollout_app
 from edge_agent.cli import agent_app
+from federation.cli import fed_app
 from shared.bench.cli import bench_app
 
 __all__ = ["app", "main"]
@@ -41,6 +43,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(agent_app, name="agent")
 app.add_typer(device_app, name="device")
 app.add_typer(bench_app, name="bench")
+app.add_typer(fed_app, name="fed")
+app.add_typer(rollout_app, name="rollout")
 
 
 @app.callback()

@@ -1,0 +1,7 @@
+"""ORM rows for rollouts, their waves and per-device targets.
+
+Schema owned by migration; see cloud_hub/db/models.py for Base and UTCDateTime."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""The rollout controller: canary, staged waves, health gates, automatic rollback."""
