@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # Re-install when the declared dependencies change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto dataset-fashion-mnist
+APT_PACKAGES := mosquitto dataset-fashion-mnist postgresql
 PYTEST_ARGS ?=
 
 .PHONY: help setup apt venv demo test lint clean
@@ -24,11 +24,13 @@ help:
 
 setup: apt venv
 
-# Debian packages: the MQTT broker and the Fashion-MNIST reference data.
+# Debian packages: the MQTT broker, the Fashion-MNIST reference data, and PostgreSQL (the test suite
+# runs the database tests on a throwaway cluster too: tests/postgres_fixtures.py starts and stops it).
 apt:
 	@missing=""; \
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq; \

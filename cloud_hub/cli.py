@@ -33,6 +33,56 @@ AdminToken = Annotated[
 ]
 DEFAULT_HUB = "http://127.0.0.1:8080"
 
+# Options that `hub serve` and `hub worker` share.
+DataDirOpt = Annotated[
+    Path, typer.Option(envvar="EDGEFED_HUB_DATA_DIR", help="Database, artifacts, keys and admin token.")
+]
+DbUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="EDGEFED_DB_URL",
+        help="SQLAlchemy URL; default sqlite:///<data-dir>/hub.db.",
+        show_default=False,
+    ),
+]
+BrokerUrlOpt = Annotated[
+    str, typer.Option(envvar="EDGEFED_BROKER_URL", help="Broker URL: mqtt://HOST:PORT or mqtts://.")
+]
+HubDeviceOpt = Annotated[
+    str, typer.Option(envvar="EDGEFED_HUB_DEVICE", help="Where the cloud model runs: cpu or cuda.")
+]
+MaxBatchOpt = Annotated[
+    int, typer.Option(envvar="EDGEFED_MAX_BATCH_SIZE", help="Most samples per inference batch.")
+]
+MaxQueueDelayOpt = Annotated[
+    float,
+    typer.Option(
+        envvar="EDGEFED_MAX_QUEUE_DELAY_MS",
+        help="Longest a request waits (ms) for others to share its inference batch.",
+    ),
+]
+RequestDeadlineOpt = Annotated[
+    float,
+    typer.Option(
+        envvar="EDGEFED_REQUEST_DEADLINE_MS",
+        help="A request whose batch has not started within this (ms) is answered deadline_exceeded "
+        "without being computed; 0: no deadline.",
+    ),
+]
+MaxQueueOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="EDGEFED_MAX_QUEUE", help="Requests waiting for inference before new ones are refused (queue_full)."
+    ),
+]
+WarmupOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="EDGEFED_WARMUP_BATCHES",
+        help="Warm-up batches per batch size class before a cloud model goes live (and /readyz turns ready).",
+    ),
+]
+
 
 @hub_app.callback()
 def _hub() -> None:
@@ -43,23 +93,10 @@ def _hub() -> None:
 def serve(
     host: Annotated[str, typer.Option(envvar="EDGEFED_HUB_HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="EDGEFED_HUB_PORT", help="HTTP port.")] = 8080,
-    data_dir: Annotated[
-        Path, typer.Option(envvar="EDGEFED_HUB_DATA_DIR", help="Database, artifacts, keys and admin token.")
-    ] = Path(".edgefed/hub"),
-    db_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="EDGEFED_DB_URL",
-            help="SQLAlchemy URL; default sqlite:///<data-dir>/hub.db.",
-            show_default=False,
-        ),
-    ] = None,
-    broker_url: Annotated[
-        str, typer.Option(envvar="EDGEFED_BROKER_URL", help="Broker URL: mqtt://HOST:PORT or mqtts://.")
-    ] = "mqtt://127.0.0.1:1883",
-    device: Annotated[
-        str, typer.Option(envvar="EDGEFED_HUB_DEVICE", help="Where the cloud model runs: cpu or cuda.")
-    ] = "cpu",
+    data_dir: DataDirOpt = Path(".edgefed/hub"),
+    db_url: DbUrlOpt = None,
+    broker_url: BrokerUrlOpt = "mqtt://127.0.0.1:1883",
+    device: HubDeviceOpt = "cpu",
     admin_token: Annotated[
         str | None,
         typer.Option(
@@ -81,37 +118,167 @@ def serve(
         str,
         typer.Option(envvar="EDGEFED_DEFAULT_MODEL", help="Edge model of devices registered without one."),
     ] = "elpv-edge",
-    max_batch_size: Annotated[
-        int, typer.Option(envvar="EDGEFED_MAX_BATCH_SIZE", help="Most samples per inference batch.")
-    ] = 32,
+    max_batch_size: MaxBatchOpt = 32,
+    max_queue_delay_ms: MaxQueueDelayOpt = 2.0,
+    request_deadline_ms: RequestDeadlineOpt = 5000.0,
+    max_queue: MaxQueueOpt = 10_000,
+    warmup_batches: WarmupOpt = 2,
+    rollout_tick: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFED_ROLLOUT_TICK_S",
+            help="Seconds between rollout controller ticks (gates judged, waves promoted or rolled back).",
+        ),
+    ] = 2.0,
+    superlink: Annotated[
+        str, typer.Option(envvar="EDGEFED_SUPERLINK", help="SuperLink Control API (HOST:PORT) for federation runs.")
+    ] = "127.0.0.1:9093",
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="EDGEFED_SIGNING_KEY",
+            help="Ed25519 key signing federated edge bundles; default <data-dir>/keys/hub-signing.pem.",
+            show_default=False,
+        ),
+    ] = None,
+    fed_poll: Annotated[
+        float, typer.Option(envvar="EDGEFED_FED_POLL_S", help="Seconds between polls of a running federation run.")
+    ] = 2.0,
+    fed_gate_margin: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFED_FED_GATE_MIN_IMPROVEMENT_PT",
+            help="Points a federated model must gain over its parent on the reference set to be registered.",
+        ),
+    ] = 0.0,
+    store_payloads: Annotated[
+        bool | None,
+        typer.Option(
+            "--store-payloads/--no-store-payloads",
+            envvar="EDGEFED_STORE_PAYLOADS",
+            help="Store raw escalation payloads (default: keep the setting an admin made through the API; "
+            "off if none).",
+            show_default=False,
+        ),
+    ] = None,
+    payload_retention_s: Annotated[
+        float | None,
+        typer.Option(
+            envvar="EDGEFED_PAYLOAD_RETENTION_S",
+            help="Delete stored payloads older than this many seconds (default 604800).",
+            show_default=False,
+        ),
+    ] = None,
+    payload_max_rows: Annotated[
+        int | None,
+        typer.Option(
+            envvar="EDGEFED_PAYLOAD_MAX_ROWS",
+            help="Keep at most this many stored payloads, newest first (default 10000).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the hub until SIGTERM or Ctrl-C, then stop the gateway, inference and database cleanly."""
+    _setup_logging()
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        db_url=db_url,
+        broker_url=broker_url,
+        device=device,
+        admin_token=admin_token,
+        signing_public_keys=signing_public_key or [],
+        default_model_name=default_model,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        request_deadline_ms=request_deadline_ms,
+        max_queue=max_queue,
+        warmup_batches=warmup_batches,
+        rollout_tick_s=rollout_tick,
+        superlink_address=superlink,
+        signing_key_file=signing_key,
+        fed_poll_s=fed_poll,
+        fed_gate_min_improvement_pt=fed_gate_margin,
+        store_payloads=store_payloads,
+        payload_retention_s=payload_retention_s,
+        payload_max_rows=payload_max_rows,
+    )
+    raise typer.Exit(_serve(settings))
+
+
+@hub_app.command()
+def worker(
+    host: Annotated[
+        str, typer.Option(envvar="EDGEFED_WORKER_HOST", help="Address of the health/metrics endpoint.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(envvar="EDGEFED_WORKER_PORT", help="Port of /healthz, /readyz and /metrics.")
+    ] = 8090,
+    data_dir: DataDirOpt = Path(".edgefed/hub"),
+    db_url: DbUrlOpt = None,
+    broker_url: BrokerUrlOpt = "mqtt://127.0.0.1:1883",
+    device: HubDeviceOpt = "cpu",
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFED_WORKER_ID",
+            help="Name in answers, logs and the MQTT client id; default hub-<host>-<pid>.",
+            show_default=False,
+        ),
+    ] = None,
+    max_batch_size: MaxBatchOpt = 32,
+    max_queue_delay_ms: MaxQueueDelayOpt = 2.0,
+    request_deadline_ms: RequestDeadlineOpt = 5000.0,
+    max_queue: MaxQueueOpt = 10_000,
+    warmup_batches: WarmupOpt = 2,
+    db_wait: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFED_DB_WAIT_S", help="Seconds to wait for `hub serve` to migrate the database."
+        ),
+    ] = 120.0,
+) -> None:
+    """Answer escalations on the shared subscription, beside one `hub serve` (which owns the REST API
+    and the database migrations) on the same database and data directory. Stops cleanly on SIGTERM."""
+    _setup_logging()
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        db_url=db_url,
+        broker_url=broker_url,
+        device=device,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        request_deadline_ms=request_deadline_ms,
+        max_queue=max_queue,
+        warmup_batches=warmup_batches,
+        db_wait_s=db_wait,
+        **({"worker_id": worker_id} if worker_id else {}),
+    )
+    raise typer.Exit(_serve(settings, role="worker"))
+
+
+def _setup_logging() -> None:
+    # The root command configured logging already (text or JSON); this covers direct calls of hub_app.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at import
+
+
+def _settings(**values: object) -> HubSettings:
     from pydantic import ValidationError
 
     from cloud_hub.config import HubSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at import
     try:
-        settings = HubSettings(
-            host=host,
-            port=port,
-            data_dir=data_dir,
-            db_url=db_url,
-            broker_url=broker_url,
-            device=device,
-            admin_token=admin_token,
-            signing_public_keys=signing_public_key or [],
-            default_model_name=default_model,
-            max_batch_size=max_batch_size,
-        )
+        return HubSettings(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         _fail(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", code=2)
-    raise typer.Exit(_serve(settings))
 
 
-def _serve(settings: HubSettings) -> int:
+def _serve(settings: HubSettings, role: str = "api") -> int:
     from shared.mqtt import parse_broker_url
 
     try:
@@ -121,7 +288,7 @@ def _serve(settings: HubSettings) -> int:
 
     import uvicorn
 
-    from cloud_hub.main import create_app
+    from cloud_hub.main import create_app, create_worker_app
     from cloud_hub.registry.keys import KeyConfigError, TrustedKeys
 
     try:
@@ -135,10 +302,11 @@ def _serve(settings: HubSettings) -> int:
             _fail("--device cuda was given but torch sees no CUDA device; use --device cpu", code=2)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings),
+            create_app(settings) if role == "api" else create_worker_app(settings),
             host=settings.host,
             port=settings.port,
             log_level="info",
+            log_config=None,  # uvicorn's lines go through the root logger: same format (text or JSON)
             access_log=False,
             lifespan="on",
         )
@@ -171,10 +339,26 @@ def register(
 
 
 @device_app.command("list")
-def list_devices(hub: HubUrl = DEFAULT_HUB, token: AdminToken = None) -> None:
+def list_devices(
+    hub: HubUrl = DEFAULT_HUB,
+    token: AdminToken = None,
+    region: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEFED_DEVICE_REGION", help="Only devices of this region.", show_default=False),
+    ] = None,
+    online: Annotated[
+        bool | None,
+        typer.Option(
+            "--online/--offline",
+            envvar="EDGEFED_DEVICE_ONLINE",
+            help="Only online or only offline devices.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Print the fleet: region, model, assigned and running versions, online state."""
     with _client(hub, token) as client:
-        devices = _call(client.list_devices)
+        devices = _call(lambda: client.list_devices(limit=1000, region=region, online=online))
     rows = [
         [
             d.device_id,

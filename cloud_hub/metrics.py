@@ -60,6 +60,23 @@ class HubMetrics:
         self.models_loaded = Gauge(
             "edgefed_hub_cloud_models_loaded", "Cloud models loaded for inference.", registry=r
         )
+        # Dynamic batcher (cloud_hub.inference.batcher): wait before a batch runs, backlog, refusals.
+        self.queue_delay = Histogram(
+            "edgefed_hub_queue_delay_seconds",
+            "Time a request waited in the inference queue before its batch started.",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edgefed_hub_inference_queue_depth", "Requests waiting in the inference queue.", registry=r
+        )
+        self.inference_errors = Counter(
+            "edgefed_hub_inference_errors",
+            "Inference requests answered with an error (queue_full, deadline_exceeded, inference_failed, ...).",
+            ["kind"],
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -17,6 +17,7 @@ from typing import Literal
 
 __all__ = [
     "Principal",
+    "TokenRole",
     "generate_token",
     "hash_token",
     "token_matches",
@@ -27,12 +28,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+TokenRole = Literal["admin", "device"]
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the admin, or one registered device."""
+    """Who is calling: an admin, or one registered device. ``token_id`` is the ``api_tokens`` row behind
+    the call (None for the bootstrap admin token from the command line or ``admin.token``)."""
 
-    kind: Literal["admin", "device"]
+    kind: TokenRole
     device_id: str | None = None
+    token_id: int | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import threading
+from typing import Any, Literal
 
 from cloud_hub.config import HubSettings
 from cloud_hub.db.session import Database
 from cloud_hub.devices import DeviceService
 from cloud_hub.errors import HubServiceError
+from cloud_hub.escalations import DEFAULT_PAYLOAD_POLICY, EscalationStore
+from cloud_hub.federation import FederationConfig, FederationScheduler, FederationService
 from cloud_hub.gateway import DeviceActivity, MqttGateway
 from cloud_hub.inference import InferenceService, ModelSpec
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import ArtifactStore, ModelVersionInfo, RegistryService, TrustedKeys
+from cloud_hub.rollouts.controller import RolloutController
+from cloud_hub.rollouts.health import HealthRecorder
+from cloud_hub.rollouts.publisher import AssignmentPublisher
 from cloud_hub.security import hash_token, load_or_create_admin_token
+from cloud_hub.tokens import TokenService
 
 __all__ = ["HubServices"]
 
@@ -23,17 +30,31 @@ log = logging.getLogger(__name__)
 class HubServices:
     """Built from settings without I/O; ``start()`` opens the database, loads models and connects."""
 
-    def __init__(self, settings: HubSettings) -> None:
+    def __init__(self, settings: HubSettings, *, role: Literal["api", "worker"] = "api") -> None:
+        """``role="api"`` (``hub serve``) migrates the database and owns the admin token; ``"worker"``
+        (``hub worker``) waits for the schema, answers escalations, and follows newly pushed cloud models."""
         self.settings = settings
+        self.role = role
+        self._refresh_stop = threading.Event()
+        self._refresh_thread: threading.Thread | None = None
+        self._failed_models: set[tuple[str, str]] = set()
         self.metrics = HubMetrics()
         self.db = Database(settings.database_url)
         self.keys = TrustedKeys(tuple(settings.signing_public_keys), settings.keys_dir)
         self.registry = RegistryService(self.db, ArtifactStore(settings.artifacts_dir), self.keys)
         self.devices = DeviceService(self.db, self.registry, settings.default_model_name)
         self.inference = InferenceService(
-            settings.device, settings.max_batch_size, settings.max_queue, self.metrics
+            settings.device,
+            settings.max_batch_size,
+            settings.max_queue,
+            self.metrics,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            request_deadline_ms=settings.request_deadline_ms or None,
+            warmup_batches=settings.warmup_batches,
         )
-        self.activity = DeviceActivity(self.devices, settings.activity_flush_s)
+        self.tokens = TokenService(self.db)
+        self.escalations = EscalationStore(self.db, DEFAULT_PAYLOAD_POLICY, settings.stats_retention_s)
+        self.activity = DeviceActivity(self.devices, settings.activity_flush_s, self.escalations)
         self.gateway = MqttGateway(
             settings.broker_url,
             settings.worker_id,
@@ -43,27 +64,64 @@ class HubServices:
             username=settings.broker_username,
             password=settings.broker_password,
             ca_file=str(settings.broker_ca_file) if settings.broker_ca_file else None,
+            max_payload_bytes=settings.max_escalation_bytes,
         )
+        self.federation = FederationService(
+            self.db,
+            self.registry,
+            FederationConfig.from_settings(settings),
+            on_cloud_registered=self.activate_cloud,
+            rollout_hook=self._start_rollout,
+        )
+        self.fed_schedules = FederationScheduler(self.db, self.federation)
+        # Rollouts: telemetry -> health samples; assignments published retained through the gateway.
+        # ``self.rollouts.start(plan)`` takes a ``shared.rollouts.RolloutCreate`` (or its dict) and
+        # returns the started ``RolloutPublic``; the federation hand-over calls it.
+        self.health = HealthRecorder(self.db, retention_s=settings.telemetry_retention_s)
+        self.assignments = AssignmentPublisher(self.gateway, self.db)
+        self.rollouts = RolloutController(
+            self.db,
+            self.devices,
+            self.registry,
+            self.health,
+            self.assignments,
+            tick_s=settings.rollout_tick_s,
+            lookback_s=settings.health_lookback_s,
+        )
+        if role == "api":  # one process records health and runs the controller
+            self.gateway.set_telemetry_sink(self.health.record)
+            self.gateway.add_connect_hook(self.rollouts.request_republish)
+        self.devices.add_assignment_listener(self.assignments.publish)
         self.admin_token_hash = ""
 
     def start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys.check()
-        self.admin_token_hash = hash_token(load_or_create_admin_token(s.admin_token, s.admin_token_file))
-        self.db.open()
+        if self.role == "api":
+            self.admin_token_hash = hash_token(load_or_create_admin_token(s.admin_token, s.admin_token_file))
+            self.db.open()
+            if (s.store_payloads, s.payload_retention_s, s.payload_max_rows) != (None, None, None):
+                current = self.escalations.policy()
+                enabled = current.enabled if s.store_payloads is None else s.store_payloads
+                self.escalations.set_policy(enabled, s.payload_retention_s, s.payload_max_rows)
+        else:  # one process (the API hub) owns migrations; workers wait for it
+            self.db.open(migrate=False, wait_s=s.db_wait_s)
         self.inference.start()
-        for info in self.registry.latest_cloud_versions():
-            try:
-                self.activate_cloud(info)
-            except (HubServiceError, OSError) as exc:  # one broken artifact must not keep the hub down
-                log.error(
-                    "cannot load cloud model %s:%s for task %r: %s", info.name, info.version, info.task, exc
-                )
+        self.load_cloud_models()
         self.activity.start()
         self.gateway.start()
+        if self.role == "api":  # one process submits and schedules federation runs
+            self.federation.start()
+            self.fed_schedules.start()
+            self.rollouts.start_ticking()
+        if self.role == "worker":
+            self._refresh_stop.clear()
+            self._refresh_thread = threading.Thread(target=self._follow_models, name="hub-models", daemon=True)
+            self._refresh_thread.start()
         log.info(
-            "hub %s started: data %s, database %s, broker %s, device %s",
+            "hub %s %s started: data %s, database %s, broker %s, device %s",
+            self.role,
             s.worker_id,
             s.data_dir,
             _redact(s.database_url),
@@ -73,13 +131,69 @@ class HubServices:
 
     def stop(self) -> None:
         """Stop in dependency order; each step runs even if an earlier one failed."""
-        # Inference first: what is queued is still answered while the broker connection is up.
-        for step in (self.inference.stop, self.gateway.stop, self.activity.stop, self.db.close):
+        # Leave the shared subscription first so the broker hands new escalations to the other workers,
+        # then drain inference: what is queued is still answered while the broker connection is up.
+        self._refresh_stop.set()
+        if self._refresh_thread is not None:
+            self._refresh_thread.join(10)
+            self._refresh_thread = None
+        steps = (
+            self.rollouts.stop_ticking,
+            self.fed_schedules.stop,
+            self.federation.stop,
+            self.gateway.pause,
+            self.inference.stop,
+            self.gateway.stop,
+            self.activity.stop,
+            self.db.close,
+        )
+        for step in steps:
             try:
                 step()
             except Exception:  # stopping must reach the database close whatever happened before
                 log.exception("error while stopping the hub (%s)", getattr(step, "__qualname__", step))
         log.info("hub %s stopped: inference, broker connection and database closed", self.settings.worker_id)
+
+    def load_cloud_models(self) -> int:
+        """Activate each task's latest registered cloud version that is not active yet; return how many.
+
+        A version that fails to load is logged once and not retried: one broken artifact must not keep
+        the hub down."""
+        active = {(m.name, m.version) for m in self.inference.specs().values()}
+        loaded = 0
+        for info in self.registry.latest_cloud_versions():
+            if (info.name, info.version) in active or (info.name, info.version) in self._failed_models:
+                continue
+            try:
+                self.activate_cloud(info)
+                loaded += 1
+            except (HubServiceError, OSError) as exc:
+                self._failed_models.add((info.name, info.version))
+                log.error(
+                    "cannot load cloud model %s:%s for task %r: %s", info.name, info.version, info.task, exc
+                )
+        return loaded
+
+    def _follow_models(self) -> None:
+        # A worker has no push route: it picks up cloud versions the API hub registered.
+        while not self._refresh_stop.wait(self.settings.model_refresh_s):
+            try:
+                self.load_cloud_models()
+            except Exception:  # the database may be briefly unavailable; try again next tick
+                log.warning("could not look for new cloud models", exc_info=True)
+
+    def _start_rollout(self, run_id: int, info: ModelVersionInfo, plan: dict[str, Any]) -> str:
+        """The hook from a federation run whose version passed its gate to the rollout controller;
+        returns what happened, in words, for the run's record."""
+        from shared.rollouts import RolloutCreate
+
+        controller = getattr(self, "rollouts", None)
+        if controller is None:
+            return "rollout requested but not available on this hub"
+        rollout = controller.start(
+            RolloutCreate.model_validate({**plan, "model_name": info.name, "version": info.version})
+        )
+        return f"rollout {getattr(rollout, 'id', '?')} started for {info.name}:{info.version}"
 
     def activate_cloud(self, info: ModelVersionInfo) -> ModelSpec:
         """Make a registered cloud version the active model for its task."""

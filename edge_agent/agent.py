@@ -6,7 +6,8 @@ serve; ``serve()`` runs it under uvicorn until SIGTERM/SIGINT; ``stop()`` publis
 
 A new assignment (the retained ``edgefed/v1/{device}/assignment`` message) only triggers a check:
 the hub's REST assignment is authoritative, the bundle is verified before it is loaded, and a
-refused or unloadable bundle leaves the current model serving.
+refused or unloadable bundle leaves the current model serving. An operator's rollback outlives a
+restart (``edge_agent.rollback``): the version rolled back from stays ignored until another is assigned.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pydantic import ValidationError
 from edge_agent.api import RollbackError, RollbackResult, create_app
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.bundles import BundleStore, fetch_assigned, load_trusted_keys
-from edge_agent.config import AgentSettings
+from edge_agent.config import AgentSettings, MiB
 from edge_agent.escalation import CloudAnswer, EscalationClient
 from edge_agent.learning_store import LearningStore
 from edge_agent.outbox import Outbox, OutboxSender
 from edge_agent.policy import make_policy
 from edge_agent.redaction import Redactor, load_or_create_salt
+from edge_agent.rollback import RollbackState, clear_rollback, load_rollback, save_rollback
 from edge_agent.runtime import EdgeRuntime, ModelError
 from edge_agent.service import EdgeService
 from edge_agent.telemetry import TelemetryPublisher
@@ -113,6 +115,7 @@ class Agent:
             breaker=breaker,
             redactor=redactor,
             learning=self.learning,
+            recent_bytes=int(s.feedback_cache_mib * MiB),
         )
         escalator.on_unmatched = self._on_unmatched_answer
         self._sender = OutboxSender(
@@ -237,7 +240,9 @@ class Agent:
             self.service.swap(runtime)
             self.service.update_error = None
             self._previous = (current.name, current.version)
-            self._rolled_back_from = None
+            if self._rolled_back_from is not None:
+                self._rolled_back_from = None
+                clear_rollback(self.settings.rollback_path)
             self._bundle = bundle
             self.store.mark_current(bundle)
         self._report_running(bundle)
@@ -271,6 +276,14 @@ class Agent:
                 runtime = EdgeRuntime.load(bundle, intra_op_threads=self.settings.intra_op_threads)
             except ModelError as exc:
                 raise RollbackError(f"{exc}; keeping {current.name}:{current.version}") from None
+            try:  # remembered first: a restarted agent must not undo the rollback
+                state = RollbackState(serving=(name, version), rolled_back_from=(current.name, current.version))
+                save_rollback(self.settings.rollback_path, state)
+            except OSError as exc:
+                raise RollbackError(
+                    f"cannot remember the rollback in {self.settings.rollback_path} ({exc}); "
+                    f"keeping {current.name}:{current.version}"
+                ) from None
             self.service.swap(runtime)
             self._previous = (current.name, current.version)
             self._rolled_back_from = (current.name, current.version)
@@ -316,8 +329,15 @@ class Agent:
     def _initial_bundle(self) -> VerifiedBundle:
         assert self.hub is not None and self.store is not None
         s = self.settings
+        remembered = load_rollback(s.rollback_path)
         try:
-            bundle = fetch_assigned(self.hub, s.device_id, self.store)
+            assignment = self.hub.get_assignment(s.device_id)
+            if remembered is not None:
+                kept = self._keep_rollback(remembered, (assignment.model_name, assignment.version))
+                if kept is not None:
+                    return kept
+                remembered = None
+            bundle = fetch_assigned(self.hub, s.device_id, self.store, assignment)
             if s.model_name and bundle.manifest.name != s.model_name:
                 log.warning(
                     "hub assigns model %s, not %s (--model); following the hub",
@@ -332,6 +352,10 @@ class Agent:
             )
         except BundleError as exc:
             log.error("refusing the assigned bundle: %s; using the newest verified bundle on disk", exc)
+        if remembered is not None:
+            kept = self._keep_rollback(remembered, None)
+            if kept is not None:
+                return kept
         local = self.store.best_local(s.model_name)
         if local is None:
             raise AgentStartError(
@@ -339,6 +363,37 @@ class Agent:
                 "bundle that verifies against the trusted keys"
             )
         return local
+
+    def _keep_rollback(self, state: RollbackState, assigned: tuple[str, str] | None) -> VerifiedBundle | None:
+        """At start: the rolled-back bundle if the rollback still holds (the hub assigns the version rolled
+        back from, or cannot be asked) and it verifies; else None, and the rollback is forgotten."""
+        assert self.store is not None
+        path = self.settings.rollback_path
+        if assigned is not None and assigned != state.rolled_back_from:
+            log.info(
+                "the hub now assigns %s:%s (not %s:%s, which was rolled back here): following the new assignment",
+                *assigned,
+                *state.rolled_back_from,
+            )
+            clear_rollback(path)
+            return None
+        bundle = self.store.open_existing(*state.serving)
+        if bundle is None:
+            log.error(
+                "the rolled-back bundle %s:%s is missing or no longer verifies; following the hub's assignment",
+                *state.serving,
+            )
+            clear_rollback(path)
+            return None
+        self._rolled_back_from = state.rolled_back_from
+        self._previous = state.rolled_back_from
+        log.warning(
+            "keeping the rollback to %s:%s made before the restart; %s:%s stays ignored until another version "
+            "is assigned",
+            *state.serving,
+            *state.rolled_back_from,
+        )
+        return bundle
 
     def _status(self, state: str) -> bytes:
         s = self.settings

@@ -1,19 +1,28 @@
 """The budget policy: escalate a target share of cases (e.g. 10 %), whatever the score distribution.
 
-It escalates iff a case's certainty score (``edge_agent.scores``) is below a threshold, and it
-chooses that threshold as the ``target_rate`` quantile of the scores it expects:
+It escalates iff a case's certainty score (``edge_agent.scores``) is below a threshold: the
+``level`` quantile of the scores it expects, where ``level`` is the target rate plus a bounded
+correction.
 
-1. at start (and after every model swap) from the bundle's calibration quantiles for its score,
-   when the manifest carries them; else from the configured fallback threshold;
-2. once ``min_samples`` live cases have been seen, from the scores of the last ``window`` live
-   cases, so the live rate stays on target as the traffic drifts away from the calibration split.
-
-A small integral correction nudges the quantile when ties (many cases with the same score) make the
-window quantile over- or under-shoot: the live rate, not the calibration, is what the site pays for.
+1. Until ``min_samples`` live cases have been seen (at start and after every model swap), the
+   quantile comes from the bundle's calibration quantiles for its score when the manifest carries
+   them, else the configured fallback threshold is used.
+2. From then on it is the exact quantile of the last ``window`` live scores (a sorted sliding
+   window, so every case is decided against the current window). Ties at the threshold (many cases
+   with the same score) are split at random in the right proportion, so a rate between two tied
+   scores is reachable too.
+3. The correction closes the loop on what the site pays for: the realised count. ``deficit`` is
+   ``target x cases - escalated`` over the last ``window`` decisions, and the level is
+   ``target + deficit / horizon``, clipped to ``target ± max_adjust``. A quantile estimated from a
+   few hundred cases is a few points off (its sampling error); the deficit term repays that error
+   over about ``horizon`` cases, so the realised rate converges onto the target instead of
+   inheriting the estimate's error, while the clip bounds how far one burst can move the rate.
 """
 
 from __future__ import annotations
 
+import bisect
+import random
 import threading
 from collections import deque
 
@@ -62,26 +71,35 @@ class BudgetPolicy:
         fallback_threshold: float = 0.8,
         window: int = 1000,
         min_samples: int = 50,
-        gain: float = 0.05,
+        horizon: float = 25.0,
+        max_adjust: float | None = None,
+        seed: int = 0,
     ) -> None:
         if not 0.0 <= target_rate <= 1.0:
             raise ValueError(f"budget target rate {target_rate!r} is outside [0, 1]; use e.g. 0.1 for 10 %")
         if window < 10 or min_samples < 1 or min_samples > window:
             raise ValueError(f"budget window {window} / min_samples {min_samples}: need 1 <= min <= window, >= 10")
+        if horizon < 1.0:
+            raise ValueError(f"budget horizon {horizon!r} must be at least 1 case")
         self.name = "budget"
         self.score = score
         self.target_rate = float(target_rate)
         self._score = score_fn(score)
         self._fallback = float(fallback_threshold)
         self._min_samples = min_samples
-        self._gain = gain
+        self._horizon = float(horizon)
+        # Default bound: the level stays within target ± max(5 pt, half the target).
+        self.max_adjust = float(max_adjust) if max_adjust is not None else max(0.05, 0.5 * self.target_rate)
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._scores: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []
         self._decisions: deque[bool] = deque(maxlen=window)
-        self._correction = 0.0
-        self._since_update = 0
+        self._escalated = 0
+        self._quantiles: list[float] | None = None
         self.source = "fallback"
         self.threshold = self._fallback
+        self.level = self.target_rate
         self.calibrate(calibration)
 
     def calibrate(self, metrics: BundleMetrics | None) -> None:
@@ -89,8 +107,11 @@ class BudgetPolicy:
         quantiles = calibration_quantiles(metrics, self.score)
         with self._lock:
             self._scores.clear()
+            self._sorted.clear()
             self._decisions.clear()
-            self._correction = 0.0
+            self._escalated = 0
+            self._quantiles = quantiles
+            self.level = self.target_rate
             if quantiles is not None:
                 self.threshold = threshold_from_quantiles(quantiles, self.target_rate)
                 self.source = "calibration"
@@ -102,31 +123,54 @@ class BudgetPolicy:
     def live_rate(self) -> float | None:
         """The share of the last ``window`` cases that were escalated; None before any case."""
         with self._lock:
-            return (sum(self._decisions) / len(self._decisions)) if self._decisions else None
+            return (self._escalated / len(self._decisions)) if self._decisions else None
+
+    @property
+    def deficit(self) -> float:
+        """Escalations owed to the budget over the last ``window`` cases (negative: escalated too many)."""
+        with self._lock:
+            return self.target_rate * len(self._decisions) - self._escalated
 
     def should_escalate(self, probabilities: np.ndarray) -> bool:
         s = self._score(probabilities)
         with self._lock:
-            escalate = s < self.threshold
-            self._scores.append(s)
-            self._decisions.append(escalate)
-            self._since_update += 1
-            # Re-estimating on every case would cost a sort of the window per request.
-            if len(self._scores) >= self._min_samples and self._since_update >= 10:
-                self._since_update = 0
-                self._update()
+            deficit = self.target_rate * len(self._decisions) - self._escalated
+            adjust = min(self.max_adjust, max(-self.max_adjust, deficit / self._horizon))
+            self.level = min(1.0, max(0.0, self.target_rate + adjust))
+            escalate = self._decide(s)
+            self._record(s, escalate)
         return escalate
 
-    def _update(self) -> None:
-        live = sum(self._decisions) / len(self._decisions)
-        self._correction += self._gain * (self.target_rate - live)
-        self._correction = float(np.clip(self._correction, -0.5, 0.5))
-        level = float(np.clip(self.target_rate + self._correction, 0.0, 1.0))
+    def _decide(self, s: float) -> bool:
+        """Escalate ``s`` at the current level: against the live window, the calibration, or the fallback."""
+        level, n = self.level, len(self._sorted)
+        if n < self._min_samples:
+            if self._quantiles is not None:
+                self.threshold = threshold_from_quantiles(self._quantiles, level)
+            return s < self.threshold
+        self.source = "live"
         if level <= 0.0:
             self.threshold = -1.0  # scores are >= 0: nothing escalates
-        elif level >= 1.0:
+            return False
+        want = level * n  # how many of the window's scores should fall below the cut
+        k = int(want)
+        if k >= n:
             self.threshold = 2.0  # scores are <= 1: everything escalates
-        else:
-            # The smallest threshold with about ``level`` of the window strictly below it.
-            self.threshold = float(np.quantile(np.fromiter(self._scores, float), level, method="higher"))
-        self.source = "live"
+            return True
+        v = self._sorted[k]
+        self.threshold = v
+        if s != v:
+            return s < v
+        below = bisect.bisect_left(self._sorted, v)
+        tied = bisect.bisect_right(self._sorted, v) - below
+        return self._rng.random() < (want - below) / tied
+
+    def _record(self, s: float, escalate: bool) -> None:
+        if len(self._scores) == self._scores.maxlen:
+            old = self._scores[0]
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            self._escalated -= self._decisions[0]
+        self._scores.append(s)
+        bisect.insort(self._sorted, s)
+        self._decisions.append(escalate)
+        self._escalated += escalate

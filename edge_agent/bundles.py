@@ -196,12 +196,16 @@ def _check_matches_assignment(bundle: VerifiedBundle, expected: AssignmentPublic
         )
 
 
-def fetch_assigned(hub: HubClient, device_id: str, store: BundleStore) -> VerifiedBundle:
+def fetch_assigned(
+    hub: HubClient, device_id: str, store: BundleStore, assignment: AssignmentPublic | None = None
+) -> VerifiedBundle:
     """The bundle the hub assigns to ``device_id``: from disk if already verified there, else downloaded.
 
-    Raises ``HubError`` when the hub cannot be asked and ``BundleError`` when the download is refused.
+    ``assignment`` is the hub's answer when the caller already asked for it. Raises ``HubError`` when
+    the hub cannot be asked and ``BundleError`` when the download is refused.
     """
-    assignment = hub.get_assignment(device_id)
+    if assignment is None:
+        assignment = hub.get_assignment(device_id)
     existing = store.open_existing(assignment.model_name, assignment.version)
     if existing is not None and assignment.sha256 in (existing.manifest.model_sha256, ""):
         return existing

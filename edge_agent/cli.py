@@ -107,6 +107,13 @@ def run(
         int,
         typer.Option(envvar="EDGEFED_LEARNING_MAX", help="Cases kept in the local learning store (oldest dropped)."),
     ] = 50_000,
+    feedback_cache: Annotated[
+        float,
+        typer.Option(
+            envvar="EDGEFED_FEEDBACK_CACHE_MIB",
+            help="MiB of recent inputs kept in memory for inspectors' feedback (at most 512 cases).",
+        ),
+    ] = 4.0,
     learning_retention_days: Annotated[
         float,
         typer.Option(envvar="EDGEFED_LEARNING_RETENTION_DAYS", help="Days a case stays in the learning store."),
@@ -146,6 +153,15 @@ def run(
         ),
     ] = 10_000,
     threads: Annotated[int, typer.Option(envvar="EDGEFED_AGENT_THREADS", help="onnxruntime intra-op threads.")] = 1,
+    malloc_arenas: Annotated[
+        int,
+        typer.Option(
+            envvar="EDGEFED_MALLOC_ARENAS",
+            min=0,
+            help="glibc malloc arenas for the agent process (fewer keep RSS steady); 0 = glibc's default. "
+            "MALLOC_ARENA_MAX in the environment wins.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the assigned model on a local HTTP API and escalate unsure cases to the hub over MQTT."""
     from edge_agent.config import SettingsError, build_settings
@@ -176,6 +192,7 @@ def run(
             redact=redact,
             redact_unlisted=redact_unlisted,
             learning_max_items=learning_max,
+            feedback_cache_mib=feedback_cache,
             learning_retention_days=learning_retention_days,
             telemetry_interval_s=telemetry_interval,
         )
@@ -183,6 +200,9 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
+    from edge_agent.memory import limit_malloc_arenas
+
+    limit_malloc_arenas(malloc_arenas)  # before the agent's threads start allocating
     from edge_agent.agent import Agent, AgentStartError
     from edge_agent.bundles import TrustError
     from edge_agent.runtime import ModelError

@@ -66,6 +66,8 @@ class AgentSettings(BaseModel):
     # Local learning store bounds.
     learning_max_items: int = Field(default=50_000, ge=1)
     learning_retention_days: float | None = Field(default=30.0, gt=0)
+    # Recent answered inputs kept in memory so an inspector's feedback can be stored with its input.
+    feedback_cache_mib: float = Field(default=4.0, gt=0, le=1024)
     telemetry_interval_s: float = Field(default=30.0, gt=0)
     outbox_max_backoff_s: float = Field(default=30.0, gt=0)
 
@@ -135,6 +137,10 @@ class AgentSettings(BaseModel):
     @property
     def learning_path(self) -> Path:
         return self.root / "learning.sqlite3"
+
+    @property
+    def rollback_path(self) -> Path:
+        return self.root / "rollback.json"
 
     @property
     def salt_path(self) -> Path:

@@ -30,6 +30,7 @@ from edge_agent.budget import BudgetPolicy
 from edge_agent.escalation import CloudAnswer, EscalationClient
 from edge_agent.latency import LatencyWindow
 from edge_agent.learning_store import LearningStore
+from edge_agent.model_health import ModelHealthCounter
 from edge_agent.outbox import Outbox
 from edge_agent.policy import Policy
 from edge_agent.redaction import Redactor, validate_metadata
@@ -109,6 +110,7 @@ class EdgeService:
         redactor: Redactor | None = None,
         learning: LearningStore | None = None,
         recent_cases: int = 512,
+        recent_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._runtime = runtime
         self.policy = policy
@@ -122,8 +124,13 @@ class EdgeService:
         self.learning = learning
         self.local_latency = LatencyWindow()
         self.cloud_latency = LatencyWindow()
+        # Counters of the served version only (rollout gates); replaced on every swap.
+        self.model_health = ModelHealthCounter(runtime.version)
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._recent_max = recent_cases
+        # Inputs kept for feedback are bounded in bytes too: 512 cases of a 3x224x224 model would be 300 MB.
+        self._recent_max_bytes = recent_bytes
+        self._recent_bytes = 0
         self._stats = ServiceStats()
         # Why the last model update was refused (shown in /healthz and the retained status).
         self.update_error: str | None = None
@@ -135,6 +142,7 @@ class EdgeService:
     def swap(self, runtime: EdgeRuntime) -> None:
         """Serve ``runtime`` from now on; requests already running finish on the old one."""
         old = self._runtime
+        self.model_health = ModelHealthCounter(runtime.version)
         self._runtime = runtime
         if isinstance(self.policy, BudgetPolicy):
             self.policy.calibrate(runtime.manifest.metrics)
@@ -177,9 +185,15 @@ class EdgeService:
         x = runtime.validate(tensor)
         if x.shape[0] != 1:
             raise InputError(f"infer answers one case at a time; the input batch size is {x.shape[0]}, use 1")
+        health = self.model_health
         t0 = time.perf_counter()
-        probs = (await asyncio.to_thread(runtime.predict, x))[0]
+        try:
+            probs = (await asyncio.to_thread(runtime.predict, x))[0]
+        except Exception:
+            health.failed()
+            raise
         self.local_latency.add((time.perf_counter() - t0) * 1000.0)
+        health.answered_locally((time.perf_counter() - t0) * 1000.0)
         edge_label = int(np.argmax(probs))
         edge_conf = float(probs[edge_label])
         request_id = uuid.uuid4().hex
@@ -209,11 +223,13 @@ class EdgeService:
             self._stats.edge += 1
             return result()
         self._keep_for_learning(request_id)
+        health.escalated()
         reason, cloud, queued = await self._escalate(runtime, request_id, x, edge_label, edge_conf, meta)
         if cloud is None:
             self._stats.fallback += 1
             return result(source="edge-fallback", escalated=True, fallback_reason=reason, queued=queued)
         self._stats.cloud += 1
+        health.cloud_answered(cloud["label"] == edge_label)
         return result(**cloud, source="cloud", escalated=True)
 
     async def _escalate(
@@ -322,8 +338,11 @@ class EdgeService:
 
     def _remember(self, request_id: str, case: _Recent) -> None:
         self._recent[request_id] = case
-        while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
+        self._recent_bytes += case.tensor.nbytes
+        while len(self._recent) > 1 and (
+            len(self._recent) > self._recent_max or self._recent_bytes > self._recent_max_bytes
+        ):
+            self._recent_bytes -= self._recent.popitem(last=False)[1].tensor.nbytes
 
     def _keep_for_learning(self, request_id: str) -> bool:
         case = self._recent.get(request_id)

@@ -19,5 +19,7 @@ def open_wal(path: Path, schema: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
+    # Write-mostly stores: a 256 KiB page cache instead of SQLite's 2 MiB default keeps the agent's RSS down.
+    db.execute("PRAGMA cache_size=-256")
     db.executescript(schema)
     return db

@@ -2,6 +2,9 @@
 
 A daemon thread builds one ``shared.messages.Telemetry`` from the live components every
 ``interval_s`` and publishes it with QoS 0 (the next one supersedes a lost one) while connected.
+``current_model`` carries the served version's own counters (requests, model failures, escalations,
+cloud answers and how many agreed with the edge, local p99) and ``update_error`` why the last
+assigned bundle was refused: the hub's rollout gates are computed from these.
 """
 
 from __future__ import annotations
@@ -9,13 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from edge_agent.service import EdgeService
 from shared import topics
 from shared.messages import Telemetry
 from shared.mqtt import MqttClient, MqttError
 
+if TYPE_CHECKING:
+    from edge_agent.service import EdgeService
+
 __all__ = ["TelemetryPublisher", "snapshot"]
+
+_MAX_ERROR_CHARS = 500
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ def snapshot(service: EdgeService, *, region: str = "", started: float | None = 
         cloud_latency_ms=service.cloud_latency.percentiles(),
         learning_cases=len(service.learning) if service.learning is not None else 0,
         uptime_s=round(time.monotonic() - started, 3) if started is not None else 0.0,
+        current_model=service.model_health.snapshot(),
+        update_error=(service.update_error or "")[:_MAX_ERROR_CHARS],
     )
 
 

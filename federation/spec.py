@@ -7,7 +7,7 @@ the run's output directory (the SuperLink runs next to the hub and shares its di
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,12 +40,30 @@ class FedRunSpec:
     differential_privacy: dict[str, Any] | None = None  # e.g. {"clipping": "fixed"|"adaptive", "noise_multiplier": ..}
     secagg: dict[str, Any] | None = None  # e.g. {"num_shares": 3, "reconstruction_threshold": 2}
     reference_limit: int | None = None  # evaluate on a slice of the reference set (tests)
+    # Added by the Flower side (all optional, defaults keep the behaviour above):
+    reference_data: Path | None = None  # .npz with x (float32 N×C×H×W model inputs) and y; replaces the task's set
+    fraction_evaluate: float = 1.0  # share of SuperNodes asked to evaluate the global model on their own data
+    seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["initial_checkpoint"] = str(self.initial_checkpoint)
         d["output_dir"] = str(self.output_dir)
+        d["reference_data"] = None if self.reference_data is None else str(self.reference_data)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FedRunSpec:
+        """The inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TypeError(f"FedRunSpec has no field(s) {', '.join(unknown)}")
+        d = dict(d)
+        for key in ("initial_checkpoint", "output_dir", "reference_data"):
+            if d.get(key) is not None:
+                d[key] = Path(d[key])
+        return cls(**d)
 
 
 @dataclass
@@ -68,3 +86,4 @@ class FedResult:
     privacy: dict[str, Any] = field(default_factory=dict)  # what DP / SecAgg+ settings were applied
     reason: str = ""
     wall_s: float = 0.0
+    run_id: str = ""  # Flower's run id (added by the Flower side)

@@ -18,6 +18,7 @@ from cloud_hub.cli import push as _push
 from cloud_hub.factory.cli import compress as _compress
 from cloud_hub.factory.cli import train as _train
 from cloud_hub.rollouts.cli import rollout_app
+from cloud_hub.token_cli import token_app
 from edge_agent.cli import agent_app
 from federation.cli import fed_app
 from shared.bench.cli import bench_app
@@ -38,6 +39,7 @@ model_app.command("compress")(_compress)
 model_app.command("push")(_push)
 model_app.command("list")(_list_models)
 
+hub_app.add_typer(token_app, name="token")
 app.add_typer(hub_app, name="hub")
 app.add_typer(model_app, name="model")
 app.add_typer(agent_app, name="agent")
@@ -50,11 +52,16 @@ app.add_typer(rollout_app, name="rollout")
 @app.callback()
 def _root(
     log_level: Annotated[str, typer.Option(envvar="EDGEFED_LOG_LEVEL", help="Logging level.")] = "INFO",
+    log_format: Annotated[
+        str, typer.Option(envvar="EDGEFED_LOG_FORMAT", help="Log lines as 'text' or 'json' (one object a line).")
+    ] = "text",
 ) -> None:
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from shared.logs import configure_logging
+
+    try:
+        configure_logging(log_level, log_format.lower())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level/--log-format") from None
     # One line per HTTP request from the clients is noise at INFO; their errors still show.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

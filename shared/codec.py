@@ -20,6 +20,7 @@ float lists. Layout (all integers little-endian):
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -118,8 +119,8 @@ def decode_frame(payload: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise CodecError(f"metadata length {meta_len} runs past the end of the {n}-byte payload")
     try:
         meta = json.loads(payload[pos : pos + meta_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"metadata is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit integer, deep nesting
+        raise CodecError(f"metadata is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
         raise CodecError("metadata must be a JSON object")
     pos += meta_len
@@ -129,7 +130,7 @@ def decode_frame(payload: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
             raise CodecError(f"{len(data)} trailing bytes after a frame without a tensor")
         return Frame(kind=kind, meta=meta, tensor=None)
     dtype = _DTYPES[dtype_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a crafted shape cannot overflow to a match
     if len(data) != expected:
         raise CodecError(
             f"tensor data is {len(data)} bytes but shape {list(shape)} of {dtype} needs {expected}"

@@ -22,6 +22,7 @@ __all__ = [
     "DeviceStatus",
     "Assignment",
     "Telemetry",
+    "ModelHealth",
     "encode_request",
     "decode_request",
     "encode_answer",
@@ -92,6 +93,24 @@ class Assignment(_Wire):
     version: str
 
 
+class ModelHealth(_Wire):
+    """Counters of the model being served, since it started serving here (reset by every swap).
+
+    The hub's rollout gates compare these between devices on a new version and devices still on the
+    previous one. ``agreed`` counts escalated cases whose cloud answer has the edge model's label;
+    ``errors`` counts cases the model failed to run on (not bad input); ``since`` is the agent's clock.
+    """
+
+    version: str = ""
+    since: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    escalated: int = 0
+    cloud_answers: int = 0
+    agreed: int = 0
+    local_p99_ms: float | None = None
+
+
 class Telemetry(_Wire):
     """Agent -> hub on ``edgefed/v1/{device_id}/telemetry`` (QoS 0, periodic): counters since start.
 
@@ -120,6 +139,9 @@ class Telemetry(_Wire):
     learning_cases: int = 0
     uptime_s: float = 0.0
     at: float = Field(default_factory=time.time)
+    # Added for rollout gates; older agents omit them.
+    current_model: ModelHealth | None = None
+    update_error: str = Field(default="", max_length=2000)
 
 
 def encode_request(req: EscalationRequest, tensor: np.ndarray) -> bytes:

@@ -104,6 +104,11 @@ class MqttClient:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._client.on_unsubscribe = self._handle_unsubscribe
+        self._unsub_waiters: dict[int, threading.Event] = {}
+        self._unsub_acked: dict[int, bool] = {}
+        # Left topics keep their handler (never re-subscribed) for messages still on the way.
+        self._unsubscribed: dict[str, tuple[int, Handler]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait: float | None = 10.0) -> None:
@@ -146,6 +151,7 @@ class MqttClient:
         """Subscribe now if connected, and again after every reconnect."""
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
+            self._unsubscribed.pop(topic, None)
         if self.connected:
             self._check(self._client.subscribe(topic, qos=qos)[0], f"subscribe to {topic}")
 
@@ -174,7 +180,33 @@ class MqttClient:
         self._check(info.rc, f"publish to {topic}")
         return info
 
+    def unsubscribe(self, topic: str, wait: float | None = None) -> bool:
+        """Stop receiving ``topic`` (also after reconnects); with ``wait``, block until the broker
+        acknowledged it. Returns True when acknowledged (or not connected, so nothing to undo)."""
+        with self._lock:
+            entry = self._subscriptions.pop(topic, None)
+            if entry is not None:  # what the broker sent before it processed the unsubscribe still arrives
+                self._unsubscribed[topic] = entry
+        if not self.connected:
+            return True
+        done = threading.Event()
+        rc, mid = self._client.unsubscribe(topic)
+        self._check(rc, f"unsubscribe from {topic}")
+        with self._lock:
+            if self._unsub_acked.pop(mid, False):  # the ack beat us here
+                return True
+            self._unsub_waiters[mid] = done
+        return done.wait(wait) if wait is not None else True
+
     # --- paho callbacks --------------------------------------------------------------------
+    def _handle_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        with self._lock:
+            done = self._unsub_waiters.pop(mid, None)
+            if done is None:
+                self._unsub_acked[mid] = True
+        if done is not None:
+            done.set()
+
     def _handle_connect(self, client, userdata, flags, reason: ReasonCode, properties) -> None:  # noqa: ANN001
         if reason.is_failure:
             log.warning("broker %s refused connection: %s", self.address.url, reason)
@@ -212,7 +244,8 @@ class MqttClient:
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
         )
         with self._lock:
-            handlers = [h for pattern, (_, h) in self._subscriptions.items() if _matches(pattern, msg.topic)]
+            subs = [*self._subscriptions.items(), *self._unsubscribed.items()]
+        handlers = [h for pattern, (_, h) in subs if _matches(pattern, msg.topic)]
         for handler in handlers:
             try:
                 handler(message)

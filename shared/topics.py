@@ -13,6 +13,7 @@ __all__ = [
     "telemetry",
     "assignment",
     "hub_escalate_subscription",
+    "hub_telemetry_subscription",
     "device_from_topic",
     "validate_device_id",
 ]
@@ -56,6 +57,11 @@ def assignment(device_id: str) -> str:
 def hub_escalate_subscription(group: str = HUB_SHARE_GROUP) -> str:
     """Shared subscription so several hub workers split the escalations between them."""
     return f"$share/{group}/{PREFIX}/+/escalate"
+
+
+def hub_telemetry_subscription(group: str = f"{HUB_SHARE_GROUP}-telemetry") -> str:
+    """Shared subscription: each telemetry message is recorded by one hub worker."""
+    return f"$share/{group}/{PREFIX}/+/telemetry"
 
 
 def device_from_topic(topic: str) -> str:

@@ -316,10 +316,17 @@ def hub_models(tmp_path_factory: pytest.TempPathFactory) -> HubModels:
     return make_hub_models(tmp_path_factory.mktemp("hub-models"))
 
 
-def start_hub_with_models(data_dir: Path, broker_url: str, models: HubModels) -> HubProcess:
-    """Start a hub trusting ``models``' key, push its checkpoint and bundle, wait for /readyz."""
+def start_hub_with_models(
+    data_dir: Path, broker_url: str, models: HubModels, extra_args: list[str] | None = None
+) -> HubProcess:
+    """Start a hub trusting ``models``' key, push its checkpoint and bundle, wait for /readyz.
+    ``extra_args`` go to ``hub serve`` (e.g. ``["--db-url", url]``)."""
     proc = HubProcess(
-        data_dir, broker_url, public_keys=[models.public_key_path], default_model=models.edge_name
+        data_dir,
+        broker_url,
+        public_keys=[models.public_key_path],
+        default_model=models.edge_name,
+        extra_args=extra_args,
     )
     proc.start()
     try:

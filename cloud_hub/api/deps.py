@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 
 from cloud_hub.errors import Forbidden, Unauthorized
 from cloud_hub.security import Principal, parse_bearer, token_matches
 from cloud_hub.services import HubServices
+from shared.api_schemas import ErrorPublic
 
 __all__ = [
     "ServicesDep",
@@ -19,7 +20,31 @@ __all__ = [
     "require_admin",
     "ensure_device_or_admin",
     "read_body",
+    "error_responses",
+    "RowId",
 ]
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The input is wrong; detail says what",
+    401: "No bearer token, or one the hub does not know (or revoked)",
+    403: "The token may not do this (e.g. a device token on an admin call)",
+    404: "The named item does not exist",
+    409: "Collides with what is already registered",
+    413: "The request body is too large",
+    422: "A parameter or body field is invalid; detail names it",
+    503: "The hub cannot do it right now",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: every error body is ``{"detail": "..."}`` (ErrorPublic),
+    422 included (the hub's handler replaces FastAPI's validation error shape)."""
+    return {code: {"model": ErrorPublic, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+# Row ids are 32-bit integers in PostgreSQL; larger ones cannot name anything.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The item's id")]
 
 
 def get_services(request: Request) -> HubServices:
@@ -34,12 +59,12 @@ def get_principal(request: Request, services: ServicesDep) -> Principal:
     token = parse_bearer(request.headers.get("authorization"))
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <admin or device token>'")
-    if token_matches(token, services.admin_token_hash):
-        return Principal("admin")
-    device_id = services.devices.authenticate(token)
-    if device_id is None:
-        raise Unauthorized("bearer token is not valid for this hub")
-    return Principal("device", device_id)
+    if services.admin_token_hash and token_matches(token, services.admin_token_hash):
+        return Principal("admin")  # the bootstrap admin token: always valid, not revocable
+    principal = services.tokens.authenticate(token)
+    if principal is None:
+        raise Unauthorized("bearer token is not valid for this hub (unknown or revoked)")
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

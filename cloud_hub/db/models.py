@@ -1,5 +1,6 @@
 """ORM rows (SQLAlchemy 2 typed mapping). The schema itself is owned by the Alembic migrations;
-``tests/unit/test_hub_db.py`` checks that these classes and the migrations agree."""
+``tests/unit/test_hub_registry.py`` checks that these classes and the migrations agree
+(on SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -81,13 +82,17 @@ class ModelVersionRow(Base):
     artifact_path: Mapped[str] = mapped_column(String(512))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # How the version was made: federation run id and round, strategy, regions, parent model, ...
+    # (see ``RegistryService.register_checkpoint``); None for versions with no recorded provenance.
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     model: Mapped[ModelRow] = relationship(back_populates="versions")
 
 
 class DeviceRow(Base):
-    """A registered edge device and what the hub knows of its state."""
+    """A registered edge device and what the hub knows of its state; its tokens live in ``api_tokens``
+    (``cloud_hub.db.fleet.ApiTokenRow``)."""
 
     __tablename__ = "devices"
 
@@ -95,7 +100,6 @@ class DeviceRow(Base):
     device_id: Mapped[str] = mapped_column(String(128), unique=True)
     region: Mapped[str] = mapped_column(String(128), default="")
     model_name: Mapped[str] = mapped_column(String(128))
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     online: Mapped[bool] = mapped_column(default=False)

@@ -112,13 +112,15 @@ def compress_checkpoint(
     limit: int | None = None,
     seed: int = 0,
     latency_runs: int = 200,
+    federation_round: str | None = None,
 ) -> VerifiedBundle:
     """Export, quantize, measure, gate and sign; return the written bundle.
 
     The holdout is the test split of the checkpoint's task (``shared.data.task_split`` with
     ``seed``, optionally on a ``limit`` slice: use the same values as for training). Defaults
     (per-channel, ``reduce_range``) were chosen by measurement: without ``reduce_range`` the U8S8
-    kernels of AVX2 CPUs without VNNI saturate and ELPV accuracy fell by 27 pt.
+    kernels of AVX2 CPUs without VNNI saturate and ELPV accuracy fell by 27 pt. ``federation_round``
+    names the federation run that produced the checkpoint, for the manifest's provenance.
     """
     from shared.models import load_checkpoint
 
@@ -185,6 +187,7 @@ def compress_checkpoint(
             provenance=Provenance(
                 source_checkpoint_sha256=ckpt.sha256,
                 architecture=meta.arch,
+                federation_round=federation_round,
                 compression={
                     **settings.as_dict(),
                     "calibration_items": int(min(len(cal_x), calibration_size)),

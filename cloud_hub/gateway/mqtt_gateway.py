@@ -3,14 +3,16 @@
 paho's network thread only decodes and queues; the answer is published from the inference worker's
 completion callback (``MqttClient.publish`` is thread-safe), so a slow model never stalls the
 connection. Every refused escalation gets an error answer naming the problem when there is a
-Response Topic to send it to, is counted by kind, and is logged in one line. Payloads are never
-stored.
+Response Topic to send it to, is counted by kind, and is logged in one line. Outcomes (answered with
+latency, or error) go to the activity buffer for per-device/per-version statistics; raw payloads are
+stored only while an admin has payload storage enabled (``cloud_hub.escalations``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 
@@ -22,8 +24,16 @@ from cloud_hub.gateway.activity import DeviceActivity
 from cloud_hub.inference import InferenceService, Prediction
 from cloud_hub.metrics import HubMetrics
 from shared import topics
-from shared.codec import CodecError
-from shared.messages import DeviceStatus, EscalationAnswer, EscalationRequest, decode_request, encode_answer
+from shared.codec import MAX_FRAME_BYTES, CodecError
+from shared.logs import request_context
+from shared.messages import (
+    DeviceStatus,
+    EscalationAnswer,
+    EscalationRequest,
+    Telemetry,
+    decode_request,
+    encode_answer,
+)
 from shared.mqtt import Message, MqttClient, MqttError
 
 __all__ = ["MqttGateway", "STATUS_SUBSCRIPTION"]
@@ -53,14 +63,40 @@ class MqttGateway:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        max_payload_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         self.broker_url = broker_url
+        self.max_payload_bytes = max_payload_bytes
+        self._last_escalation = 0.0  # monotonic time of the last escalation received
         self.worker_id = worker_id
         self._inference = inference
         self._activity = activity
         self._metrics = metrics
         self._username, self._password, self._ca_file = username, password, ca_file
         self._client: MqttClient | None = None
+        self._telemetry_sink: Callable[[str, Telemetry], None] | None = None
+        self._connect_hooks: list[Callable[[], None]] = []
+
+    def set_telemetry_sink(self, sink: Callable[[str, Telemetry], None]) -> None:
+        """Before ``start()``: hand each valid telemetry message to ``sink(device_id, telemetry)``
+        (paho thread; one hub worker of the shared subscription gets each message)."""
+        self._telemetry_sink = sink
+
+    def add_connect_hook(self, hook: Callable[[], None]) -> None:
+        """Before ``start()``: run ``hook`` (paho thread, must be quick) after every (re)connection."""
+        self._connect_hooks.append(hook)
+
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Publish a retained QoS 1 message (device assignments); False when not connected or refused."""
+        client = self._client
+        if client is None or not client.connected:
+            return False
+        try:
+            client.publish(topic, payload, qos=1, retain=True)
+            return True
+        except MqttError as exc:
+            log.warning("could not publish retained %s: %s", topic, exc)
+            return False
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,9 +110,30 @@ class MqttGateway:
         )
         client.subscribe(topics.hub_escalate_subscription(), self._on_escalation, qos=1)
         client.subscribe(STATUS_SUBSCRIPTION, self._on_status, qos=1)
+        if self._telemetry_sink is not None:
+            client.subscribe(topics.hub_telemetry_subscription(), self._on_telemetry, qos=0)
+        for hook in self._connect_hooks:
+            client.on_connect(hook)
         client.on_connect(lambda: log.info("connected to broker %s as %s", self.broker_url, self.worker_id))
         client.start(wait=None)
         self._client = client
+
+    def pause(self, quiet_s: float = 0.3, timeout: float = 5.0) -> None:
+        """Leave the shared subscription so the broker sends new escalations to the other workers,
+        then wait until none arrived for ``quiet_s`` (what the broker had already queued for us is
+        still answered). Part of a graceful stop: pause, drain inference, stop."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            acked = client.unsubscribe(topics.hub_escalate_subscription(), wait=timeout)
+        except MqttError as exc:
+            log.warning("could not leave the shared subscription: %s", exc)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and time.monotonic() - self._last_escalation < quiet_s:
+            time.sleep(0.05)
+        log.info("left the shared subscription%s", "" if acked else " (no acknowledgement from the broker)")
 
     def stop(self) -> None:
         if self._client is not None:
@@ -89,9 +146,15 @@ class MqttGateway:
 
     # --- escalations -----------------------------------------------------------------------
     def _on_escalation(self, msg: Message) -> None:
+        self._last_escalation = time.monotonic()
         self._metrics.escalations_received.inc()
         corr = msg.correlation_data
         request_id = corr.decode("utf-8", "replace")[:128] if corr else ""
+        with request_context(request_id):
+            self._handle_escalation(msg, corr, request_id)
+
+    def _handle_escalation(self, msg: Message, corr: bytes | None, request_id: str) -> None:
+        received = time.monotonic()
         try:
             device_id = topics.device_from_topic(msg.topic)
         except ValueError as exc:
@@ -112,18 +175,27 @@ class MqttGateway:
             )
             return
         self._activity.escalation(device_id)
+        if len(msg.payload) > self.max_payload_bytes:
+            error = f"escalation payload is {len(msg.payload)} bytes; the limit is {self.max_payload_bytes}"
+            self._refuse(response_topic, corr, request_id, "oversized", error, msg.topic)
+            return
         try:
             req, tensor = self._decode(msg.payload, device_id)
         except _Refused as exc:
             self._refuse(response_topic, corr, request_id, exc.kind, str(exc), msg.topic)
             return
         corr = corr or req.request_id.encode()  # the request id is the correlation data by contract
+        # Errors keep their kind in the answer and the metric: queue_full (backpressure, refused at
+        # once), deadline_exceeded (waited past the hub's request deadline, never computed),
+        # inference_failed, unknown_task, bad_shape/bad_dtype (cloud_hub.inference.batcher).
         try:
             future = self._inference.submit(req.task, tensor)
         except HubServiceError as exc:
-            self._refuse(response_topic, corr, req.request_id, exc.kind, str(exc), msg.topic)
+            self._refuse(response_topic, corr, req.request_id, exc.kind, str(exc), msg.topic, req=req)
             return
-        future.add_done_callback(partial(self._on_done, req, response_topic, corr))
+        future.add_done_callback(
+            partial(self._on_done, req, response_topic, corr, received=received, payload=msg.payload)
+        )
 
     @staticmethod
     def _decode(payload: bytes, device_id: str) -> tuple[EscalationRequest, np.ndarray]:
@@ -141,13 +213,33 @@ class MqttGateway:
         return req, tensor
 
     def _on_done(
-        self, req: EscalationRequest, response_topic: str, corr: bytes, future: Future[Prediction]
+        self,
+        req: EscalationRequest,
+        response_topic: str,
+        corr: bytes,
+        future: Future[Prediction],
+        *,
+        received: float,
+        payload: bytes,
+    ) -> None:
+        # Runs on the inference thread: carry the escalation's id into its log records there too.
+        with request_context(req.request_id):
+            self._answer(req, response_topic, corr, future, received, payload)
+
+    def _answer(
+        self,
+        req: EscalationRequest,
+        response_topic: str,
+        corr: bytes,
+        future: Future[Prediction],
+        received: float,
+        payload: bytes,
     ) -> None:
         try:
             pred = future.result()
         except HubServiceError as exc:
             self._refuse(
-                response_topic, corr, req.request_id, exc.kind, str(exc), topics.escalate(req.device_id)
+                response_topic, corr, req.request_id, exc.kind, str(exc), topics.escalate(req.device_id), req=req
             )
             return
         except Exception as exc:  # noqa: BLE001 - reported to the agent and counted, never raised here
@@ -158,6 +250,7 @@ class MqttGateway:
                 "inference_failed",
                 f"inference failed: {exc}",
                 topics.escalate(req.device_id),
+                req=req,
             )
             return
         answer = EscalationAnswer(
@@ -172,6 +265,11 @@ class MqttGateway:
         )
         if self._publish(response_topic, encode_answer(answer, pred.probabilities[0]), corr):
             self._metrics.escalations_answered.labels(pred.task).inc()
+            latency_ms = (time.monotonic() - received) * 1000.0
+            self._activity.answered(req, latency_ms, payload, answer.label, answer.confidence)
+        else:
+            self._activity.failed(req.device_id, req)
+            log.debug("answered escalation from %s with %s:%s", req.device_id, pred.model_name, pred.model_version)
 
     def _refuse(
         self,
@@ -181,8 +279,14 @@ class MqttGateway:
         kind: str,
         error: str,
         topic: str,
+        *,
+        req: EscalationRequest | None = None,
     ) -> None:
         self._metrics.escalation_errors.labels(kind).inc()
+        try:
+            self._activity.failed(topics.device_from_topic(topic), req)
+        except ValueError:  # not below a device's topics: nobody to count it for
+            pass
         log.warning("escalation on %s refused (%s): %s", topic, kind, error)
         if response_topic is None:
             return
@@ -218,3 +322,19 @@ class MqttGateway:
             return
         # The device's clock may run ahead; never record a last_seen in the future.
         self._activity.status(device_id, status.state == "online", min(status.at, time.time()))
+
+    # --- telemetry -------------------------------------------------------------------------
+    def _on_telemetry(self, msg: Message) -> None:
+        sink = self._telemetry_sink
+        if sink is None or not msg.payload:
+            return
+        try:
+            device_id = topics.device_from_topic(msg.topic)
+            tel = Telemetry.model_validate_json(msg.payload)
+        except (ValueError, ValidationError) as exc:
+            log.warning("ignoring malformed telemetry on %s: %s", msg.topic, str(exc).splitlines()[0])
+            return
+        if tel.device_id != device_id:
+            log.warning("ignoring telemetry on %s that names device %r", msg.topic, tel.device_id)
+            return
+        sink(device_id, tel)

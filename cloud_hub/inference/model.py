@@ -1,21 +1,38 @@
-"""One cloud model ready to run: a checkpoint's network on its device, with input checks.
+"""One cloud model ready to run: a network on its device, with input checks and a reused staging area.
+
+``run(tensors)`` copies the requests' samples straight into one preallocated input buffer (pinned
+host memory on CUDA), moves it to the device in one copy, and brings the probabilities back into a
+pinned output buffer: no per-request allocation or host↔device transfer. On CUDA a batch is padded
+to its size class (powers of two up to the largest batch), so the few shapes the GPU ever sees are
+the ones ``warm_up`` ran before the model went live; outputs are cut back to the real sample count.
 
 Loading also runs one forward pass on the checkpoint's declared input shape, so a checkpoint whose
 weights or metadata do not fit its network is refused at push time, not at the first escalation.
+Only torch and numpy are imported here; checkpoints (which need pydantic) load inside ``load_model``.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cloud_hub.errors import InvalidInput, NotFound
-from shared.models import Checkpoint, CheckpointError, load_checkpoint
 
-__all__ = ["BadTensor", "UnknownTask", "ModelSpec", "LoadedModel", "load_model"]
+__all__ = ["BadTensor", "UnknownTask", "ModelSpec", "LoadedModel", "load_model", "size_classes"]
+
+log = logging.getLogger(__name__)
+
+# Every CUDA model of the process runs and captures under this lock: a graph capture while another
+# thread launches work (a model pushed while the old one serves) could break either.
+_CUDA_LOCK = threading.Lock()
 
 
 class BadTensor(InvalidInput):
@@ -39,21 +56,50 @@ class ModelSpec:
     input_chw: tuple[int, int, int]
 
 
-class LoadedModel:
-    """A network in eval mode on ``device``; ``predict`` maps N×C×H×W float32 to N×K probabilities."""
+def size_classes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a GPU batch is padded to: 1, 2, 4, ... below ``max_batch_size``, then it."""
+    out, s = [], 1
+    while s < max_batch_size:
+        out.append(s)
+        s *= 2
+    return (*out, max_batch_size)
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
-        meta = checkpoint.meta
+
+class LoadedModel:
+    """A network in eval mode on ``device``; ``run``/``predict`` map N×C×H×W float32 to N×K probabilities.
+
+    ``meta`` is the checkpoint's metadata when the model came from one (None for a bare network).
+    On CUDA, ``warm_up`` also captures one CUDA graph per size class (``cuda_graphs``): a batch is
+    then one graph replay instead of dozens of kernel launches, each of which releases Python's GIL
+    and may wait up to a switch interval to get it back while other threads are busy.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        spec: ModelSpec,
+        device: torch.device | str,
+        meta: Any = None,
+        *,
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.spec = spec
         self.meta = meta
-        self.spec = ModelSpec(
-            name=meta.name,
-            version=meta.version,
-            task=meta.task,
-            labels=tuple(meta.labels),
-            input_chw=(meta.input.channels, meta.input.height, meta.input.width),
-        )
-        self.device = device
-        self._net = checkpoint.model
+        self.device = torch.device(device)
+        self._net = net.eval().to(self.device)
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            torch.backends.cudnn.benchmark = True  # shapes are limited to the size classes, all warmed
+        self._classes: tuple[int, ...] = ()
+        self._lock = threading.Lock()
+        self._capacity = 0
+        self._host_in: torch.Tensor | None = None
+        self._host_in_np: np.ndarray | None = None
+        self._dev_in: torch.Tensor | None = None
+        self._host_out: torch.Tensor | None = None
+        self._use_graphs = cuda_graphs and self._cuda
+        # size class -> (graph, its static input, its static output); inputs live in their own buffer
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def check_input(self, tensor: np.ndarray) -> np.ndarray:
         """Return ``tensor`` as contiguous N×C×H×W float32, or raise BadTensor saying what is wrong."""
@@ -70,12 +116,116 @@ class LoadedModel:
             )
         return np.ascontiguousarray(tensor)
 
-    @torch.inference_mode()
+    # --- running ---------------------------------------------------------------------------
+    def set_size_classes(self, classes: Sequence[int]) -> None:
+        """Batch sizes CUDA batches are padded up to (see ``size_classes``); none means no padding."""
+        self._classes = tuple(sorted(set(int(c) for c in classes)))
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        if not batch.flags.writeable:  # frames decode to read-only views; torch wants to own writable memory
-            batch = batch.copy()
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        return torch.softmax(self._net(x).float(), dim=1).cpu().numpy()
+        """N×C×H×W float32 (already checked) → N×K float32 probabilities."""
+        return self.run([batch])
+
+    @torch.inference_mode()
+    def run(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
+        """Run the samples of several checked requests as one batch; rows come back in the same order."""
+        n = sum(int(t.shape[0]) for t in tensors)
+        padded = next((c for c in self._classes if c >= n), n) if self._cuda else n
+        with _CUDA_LOCK if self._cuda else self._lock:  # one batch at a time: staging buffers are reused
+            host_np = self._staging(padded)
+            pos = 0
+            for t in tensors:
+                k = int(t.shape[0])
+                host_np[pos : pos + k] = t
+                pos += k
+            if self._cuda:
+                assert self._host_in is not None and self._dev_in is not None
+                graph = self._graphs.get(padded)
+                if graph is not None:
+                    graph[1].copy_(self._host_in[:padded], non_blocking=True)
+                    graph[0].replay()
+                    probs = graph[2]
+                else:
+                    x = self._dev_in[:padded]
+                    x.copy_(self._host_in[:padded], non_blocking=True)
+                    probs = torch.softmax(self._net(x).float(), dim=1)
+                out = self._out_buffer(probs.shape[1])[:padded]
+                out.copy_(probs, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+                return out[:n].numpy().copy()
+            x = torch.from_numpy(host_np[:n])
+            return torch.softmax(self._net(x).float(), dim=1).numpy()
+
+    @property
+    def graph_sizes(self) -> tuple[int, ...]:
+        """Size classes that run as a captured CUDA graph."""
+        return tuple(sorted(self._graphs))
+
+    def warm_up(self, max_batch_size: int, rounds: int = 2) -> int:
+        """Run ``rounds`` batches of each size class up to ``max_batch_size`` (then, on CUDA, capture a
+        graph per class); return the batches run."""
+        classes = size_classes(max_batch_size)
+        self.set_size_classes(classes)
+        c, h, w = self.spec.input_chw
+        done = 0
+        # On CUDA the warm-up runs on a side stream, as graph capture requires.
+        stream = torch.cuda.Stream(self.device) if self._cuda else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            for size in classes:
+                x = np.zeros((size, c, h, w), dtype=np.float32)
+                for _ in range(rounds):
+                    self.run([x])
+                    done += 1
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._use_graphs and rounds:
+                self._capture(classes)
+        return done
+
+    @torch.inference_mode()
+    def _capture(self, classes: Sequence[int]) -> None:
+        """One CUDA graph per size class, largest first, sharing one memory pool; eager if that fails."""
+        with _CUDA_LOCK:
+            static_in = torch.zeros((max(classes), *self.spec.input_chw), dtype=torch.float32, device=self.device)
+            torch.cuda.synchronize(self.device)
+            graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+            pool = None
+            try:
+                for size in sorted(classes, reverse=True):
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                        probs = torch.softmax(self._net(static_in[:size]).float(), dim=1)
+                    pool = g.pool()
+                    graphs[size] = (g, static_in[:size], probs)
+                for g, _, _ in graphs.values():  # the first replay uploads the graph: not a real request's cost
+                    g.replay()
+                torch.cuda.synchronize(self.device)
+            except RuntimeError as exc:
+                log.warning("model %s runs without CUDA graphs: capture failed: %s", self._ref, exc)
+                torch.cuda.synchronize(self.device)
+                return
+            self._graphs = graphs
+
+    def _staging(self, rows: int) -> np.ndarray:
+        """The host input buffer with room for ``rows`` samples (grown, never shrunk; pinned on CUDA)."""
+        if rows > self._capacity:
+            cap = max(rows, self._classes[-1] if self._classes else 1)
+            shape = (cap, *self.spec.input_chw)
+            self._host_in = torch.zeros(shape, dtype=torch.float32, pin_memory=self._cuda)
+            self._host_in_np = self._host_in.numpy()
+            if self._cuda:
+                self._dev_in = torch.empty(shape, dtype=torch.float32, device=self.device)
+            self._host_out = None
+            self._capacity = cap
+        assert self._host_in_np is not None
+        return self._host_in_np
+
+    def _out_buffer(self, classes: int) -> torch.Tensor:
+        """The pinned output buffer, ``capacity``×``classes``."""
+        if self._host_out is None or self._host_out.shape[1] != classes:
+            self._host_out = torch.empty((self._capacity, classes), dtype=torch.float32, pin_memory=True)
+        return self._host_out
 
     @property
     def _ref(self) -> str:
@@ -84,18 +234,28 @@ class LoadedModel:
 
 def load_model(source: Path | bytes, device: str = "cpu") -> LoadedModel:
     """Load a cloud checkpoint onto ``device`` and probe it; raise InvalidInput naming the problem."""
+    from shared.models import CheckpointError, load_checkpoint  # needs pydantic; the batcher alone does not
+
     try:
         ckpt = load_checkpoint(source, map_location=device)
     except CheckpointError as exc:
         raise InvalidInput(f"checkpoint refused: {exc}", kind="bad_checkpoint") from None
-    if ckpt.meta.role != "cloud":
+    meta = ckpt.meta
+    if meta.role != "cloud":
         raise InvalidInput(
-            f"checkpoint {ckpt.meta.name}:{ckpt.meta.version} has role {ckpt.meta.role!r}; the hub serves "
+            f"checkpoint {meta.name}:{meta.version} has role {meta.role!r}; the hub serves "
             "only cloud checkpoints (push edge models as signed bundles)",
             kind="bad_checkpoint",
         )
-    model = LoadedModel(ckpt, torch.device(device))
-    c, h, w = model.spec.input_chw
+    spec = ModelSpec(
+        name=meta.name,
+        version=meta.version,
+        task=meta.task,
+        labels=tuple(meta.labels),
+        input_chw=(meta.input.channels, meta.input.height, meta.input.width),
+    )
+    model = LoadedModel(ckpt.model, spec, device, meta)
+    c, h, w = spec.input_chw
     try:
         probs = model.predict(np.zeros((1, c, h, w), dtype=np.float32))
     except RuntimeError as exc:
@@ -103,10 +263,10 @@ def load_model(source: Path | bytes, device: str = "cpu") -> LoadedModel:
             f"checkpoint {model._ref}: a forward pass on its declared input 1×{c}×{h}×{w} failed: {exc}",
             kind="bad_checkpoint",
         ) from None
-    if probs.shape != (1, len(model.spec.labels)):
+    if probs.shape != (1, len(spec.labels)):
         raise InvalidInput(
             f"checkpoint {model._ref} outputs {list(probs.shape[1:])} classes per sample but declares "
-            f"{len(model.spec.labels)} labels",
+            f"{len(spec.labels)} labels",
             kind="bad_checkpoint",
         )
     return model

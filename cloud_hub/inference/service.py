@@ -1,15 +1,17 @@
-"""The active cloud model per task, and one worker thread that runs queued requests in batches.
+"""The active cloud model per task behind one dynamic batcher (``cloud_hub.inference.batcher``).
 
-``submit(task, tensor) -> Future[Prediction]`` is the whole interface callers see: the MQTT gateway
-and the REST predict route both use it, so a smarter dynamic batcher can replace the worker without
-touching them. The worker takes whatever is queued, up to ``max_batch_size`` samples, groups it by
-task and runs each group as one forward pass.
+``submit(task, tensor[, deadline_ms]) -> Future[Prediction]`` is the whole interface callers see: the
+MQTT gateway and the REST predict route both use it. Input is checked at submit (unknown task, bad
+shape or dtype are refused at once); the batcher groups queued requests of one task into batches
+and this service runs each batch through the task's model in one forward pass. A model becomes
+active only after it has been warmed on every batch size class, so readiness (``has_models``) never
+reports a model whose first real request would pay the cold start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -19,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from cloud_hub.errors import HubServiceError, Unavailable
-from cloud_hub.inference.model import LoadedModel, ModelSpec, UnknownTask, load_model
+from cloud_hub.inference.batcher import BatchFailed, DynamicBatcher
+from cloud_hub.inference.model import BadTensor, LoadedModel, ModelSpec, UnknownTask, load_model
 from cloud_hub.metrics import HubMetrics
 
 __all__ = ["InferenceService", "Prediction"]
@@ -39,25 +42,11 @@ class Prediction:
     confidences: list[float]
     probabilities: np.ndarray  # N×K float32
     inference_ms: float
-    batch_size: int
-
-
-@dataclass
-class _Item:
-    task: str
-    tensor: np.ndarray
-    future: Future[Prediction]
-
-    @property
-    def n(self) -> int:
-        return int(self.tensor.shape[0])
-
-
-_STOP = object()
+    batch_size: int  # samples in the batch this request ran in (padding not counted)
 
 
 class InferenceService:
-    """Owns the loaded models and the worker thread; ``start()`` starts it, ``stop()`` joins it."""
+    """Owns the loaded models and the batcher; ``start()`` starts it, ``stop()`` drains and joins it."""
 
     def __init__(
         self,
@@ -65,23 +54,43 @@ class InferenceService:
         max_batch_size: int = 32,
         max_queue: int = 10_000,
         metrics: HubMetrics | None = None,
+        *,
+        max_queue_delay_ms: float = 2.0,
+        request_deadline_ms: float | None = None,
+        warmup_batches: int = 2,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size}")
+        if warmup_batches < 0:
+            raise ValueError(f"warmup_batches must be >= 0, got {warmup_batches}")
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.warmup_batches = warmup_batches
         self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}
         self._models_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._accepting = False
+        self._batcher: DynamicBatcher[Prediction] = DynamicBatcher(
+            self._execute,
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            max_queue=max_queue,
+            deadline_ms=request_deadline_ms,
+            metrics=metrics,
+            name="hub-inference",
+        )
+
+    @property
+    def batcher(self) -> DynamicBatcher[Prediction]:
+        return self._batcher
 
     # --- models ----------------------------------------------------------------------------
     def load(self, source: Path | bytes) -> ModelSpec:
-        """Load a cloud checkpoint and make it the active model for its task (raises InvalidInput)."""
-        model = load_model(source, self.device)
+        """Load a cloud checkpoint, warm it, make it the active model for its task (raises InvalidInput)."""
+        return self.activate(load_model(source, self.device))
+
+    def activate(self, model: LoadedModel) -> ModelSpec:
+        """Warm ``model`` on every batch size class, then make it the active model for its task."""
+        t0 = time.perf_counter()
+        batches = model.warm_up(self.max_batch_size, self.warmup_batches) if self.warmup_batches else 0
         with self._models_lock:
             previous = self._models.get(model.spec.task)
             self._models[model.spec.task] = model
@@ -90,11 +99,13 @@ class InferenceService:
             self._metrics.models_loaded.set(count)
         old = f" (was {previous.spec.name}:{previous.spec.version})" if previous else ""
         log.info(
-            "cloud model %s:%s active for task %r on %s%s",
+            "cloud model %s:%s active for task %r on %s after %d warm-up batches in %.2f s%s",
             model.spec.name,
             model.spec.version,
             model.spec.task,
             self.device,
+            batches,
+            time.perf_counter() - t0,
             old,
         )
         return model.spec
@@ -104,139 +115,101 @@ class InferenceService:
             return {task: m.spec for task, m in self._models.items()}
 
     def has_models(self) -> bool:
+        """True once at least one model is active, i.e. loaded and warmed."""
         with self._models_lock:
             return bool(self._models)
 
     def _model(self, task: str) -> LoadedModel:
-        with self._models_lock:
-            model = self._models.get(task)
-            loaded = sorted(self._models)
+        model = self._models.get(task)  # one dict read is atomic; the lock guards swaps and listings
         if model is None:
-            have = ", ".join(repr(t) for t in loaded) or "none"
+            have = ", ".join(repr(t) for t in sorted(self.specs())) or "none"
             raise UnknownTask(
                 f"no cloud model is loaded for task {task!r} (loaded: {have}); push a checkpoint for it"
             )
         return model
 
     # --- requests --------------------------------------------------------------------------
-    def submit(self, task: str, tensor: np.ndarray) -> Future[Prediction]:
-        """Queue N×C×H×W float32 samples for ``task``; raise UnknownTask/BadTensor/Unavailable at once."""
-        if not self._accepting:
-            raise Unavailable("inference is not running (the hub is starting or stopping); retry shortly")
-        batch = self._model(task).check_input(tensor)
-        if self._queue.qsize() >= self.max_queue:
-            raise Unavailable(
-                f"inference queue is full ({self.max_queue} requests); retry later", kind="overloaded"
+    def submit(self, task: str, tensor: np.ndarray, deadline_ms: float | None = None) -> Future[Prediction]:
+        """Queue N×C×H×W float32 samples for ``task``.
+
+        Raises at once: UnknownTask, BadTensor, Unavailable (not running) or QueueFull (backpressure).
+        The future fails with DeadlineExceeded when the request waited past ``deadline_ms`` (default:
+        the service's ``request_deadline_ms``) and was therefore not computed.
+        """
+        return self._batcher.submit(task, self._checked(task, tensor), deadline_ms)
+
+    def submit_async(
+        self, task: str, tensor: np.ndarray, deadline_ms: float | None = None
+    ) -> asyncio.Future[Prediction]:
+        """As ``submit``, from a running event loop (the REST route): an asyncio future of that loop,
+        answered once per batch for all of the loop's requests rather than one wake-up per request."""
+        return self._batcher.submit_async(task, self._checked(task, tensor), deadline_ms)
+
+    def _checked(self, task: str, tensor: np.ndarray) -> np.ndarray:
+        if not self._batcher.running:
+            raise self._refused(
+                Unavailable("inference is not running (the hub is starting or stopping); retry shortly")
             )
-        future: Future[Prediction] = Future()
-        self._queue.put(_Item(task, batch, future))
-        return future
+        try:
+            return self._model(task).check_input(tensor)
+        except HubServiceError as exc:
+            raise self._refused(exc) from None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self._accepting = True
-        self._thread = threading.Thread(target=self._run, name="hub-inference", daemon=True)
-        self._thread.start()
+        self._batcher.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the worker; later submits raise Unavailable."""
-        self._accepting = False
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
-        while True:  # anything left (worker stuck or already gone) is failed, never left hanging
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Item) and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(Unavailable("the hub stopped before running this request"))
+        self._batcher.stop(timeout)
 
-    # --- worker ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        carry: _Item | None = None
-        while True:
-            first = carry if carry is not None else self._queue.get()
-            carry = None
-            if first is _STOP:
-                return
-            assert isinstance(first, _Item)
-            batch, n, stop = [first], first.n, False
-            while n < self.max_batch_size:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                assert isinstance(nxt, _Item)
-                if n + nxt.n > self.max_batch_size:
-                    carry = nxt  # starts the next batch instead of overfilling this one
-                    break
-                batch.append(nxt)
-                n += nxt.n
-            self._execute(batch)
-            if stop:
-                self._queue.put(_STOP)
-
-    def _execute(self, items: list[_Item]) -> None:
-        groups: dict[str, list[_Item]] = {}
-        for item in items:
-            if item.future.set_running_or_notify_cancel():
-                groups.setdefault(item.task, []).append(item)
-        for task, group in groups.items():
-            try:
-                self._run_group(task, group)
-            except Exception as exc:  # delivered to every waiter of the group; the worker lives on
-                log.exception("inference for task %r failed on a batch of %d requests", task, len(group))
-                err = (
-                    exc
-                    if isinstance(exc, HubServiceError)
-                    else HubServiceError(
-                        f"inference failed: {type(exc).__name__}: {exc}", kind="inference_failed"
-                    )
+    # --- batches ---------------------------------------------------------------------------
+    def _execute(self, task: str, tensors: list[np.ndarray]) -> list[Prediction | BaseException]:
+        """One forward pass for the batch; one Prediction (or error) per request, in order."""
+        model = self._model(task)  # raises UnknownTask for every waiter if the task disappeared
+        spec = model.spec
+        out: list[Prediction | BaseException | None] = [None] * len(tensors)
+        runnable: list[int] = []
+        for i, t in enumerate(tensors):
+            if tuple(t.shape[1:]) == spec.input_chw:
+                runnable.append(i)
+            else:  # the model was swapped for one with another input since submit()
+                out[i] = BadTensor(
+                    f"tensor shape {list(t.shape)} does not fit model {spec.name}:{spec.version}, which now "
+                    f"takes N×{spec.input_chw[0]}×{spec.input_chw[1]}×{spec.input_chw[2]}"
                 )
-                for item in group:
-                    if not item.future.done():
-                        item.future.set_exception(err)
-
-    def _run_group(self, task: str, group: list[_Item]) -> None:
-        model = self._model(task)
-        runnable: list[_Item] = []
-        for item in group:
-            try:  # the model may have been swapped for one with another input since submit()
-                model.check_input(item.tensor)
-                runnable.append(item)
-            except HubServiceError as exc:
-                item.future.set_exception(exc)
-        if not runnable:
-            return
-        x = runnable[0].tensor if len(runnable) == 1 else np.concatenate([i.tensor for i in runnable])
-        t0 = time.perf_counter()
-        probs = model.predict(x)
-        elapsed = time.perf_counter() - t0
-        if probs.shape[0] != x.shape[0]:
-            raise RuntimeError(f"model returned {probs.shape[0]} outputs for {x.shape[0]} inputs")
-        if self._metrics is not None:
-            self._metrics.inference_latency.labels(task).observe(elapsed)
-            self._metrics.batch_size.labels(task).observe(x.shape[0])
-        spec, pos = model.spec, 0
-        for item in runnable:
-            p = probs[pos : pos + item.n]
-            pos += item.n
-            ids = [int(i) for i in p.argmax(axis=1)]
-            item.future.set_result(
-                Prediction(
+        if runnable:
+            xs = [tensors[i] for i in runnable]
+            n = sum(int(x.shape[0]) for x in xs)
+            t0 = time.perf_counter()
+            probs = model.run(xs)
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            if probs.ndim != 2 or probs.shape[0] != n:
+                raise BatchFailed(
+                    f"model {spec.name}:{spec.version} returned {list(probs.shape)} outputs for {n} input "
+                    "samples; one output row per sample is required"
+                )
+            ids = probs.argmax(axis=1)
+            conf = probs[np.arange(n), ids]
+            pos = 0
+            for i, x in zip(runnable, xs, strict=True):
+                k = int(x.shape[0])
+                row_ids = [int(j) for j in ids[pos : pos + k]]
+                out[i] = Prediction(
                     task=task,
                     model_name=spec.name,
                     model_version=spec.version,
-                    label_ids=ids,
-                    labels=[spec.labels[i] for i in ids],
-                    confidences=[float(p[j, i]) for j, i in enumerate(ids)],
-                    probabilities=p,
-                    inference_ms=elapsed * 1000.0,
-                    batch_size=int(x.shape[0]),
+                    label_ids=row_ids,
+                    labels=[spec.labels[j] for j in row_ids],
+                    confidences=[float(c) for c in conf[pos : pos + k]],
+                    probabilities=probs[pos : pos + k],
+                    inference_ms=elapsed_ms,
+                    batch_size=n,
                 )
-            )
+                pos += k
+        return [r for r in out if r is not None]
+
+    def _refused(self, exc: HubServiceError) -> HubServiceError:
+        if self._metrics is not None:
+            self._metrics.inference_errors.labels(exc.kind).inc()
+        return exc

@@ -7,6 +7,7 @@ running one forward pass. A refused push leaves neither a database row nor a fil
 
 from __future__ import annotations
 
+import json
 import tarfile
 import tempfile
 import threading
@@ -55,6 +56,7 @@ class ModelVersionInfo:
     size_bytes: int
     metrics: dict[str, Any]
     manifest: dict[str, Any]
+    lineage: dict[str, Any] | None
     created_at: datetime
     artifact_relpath: str
     artifact_sha256: str  # of the downloadable file (bundle archive or checkpoint)
@@ -76,13 +78,22 @@ class ModelVersionInfo:
             size_bytes=row.size_bytes,
             metrics=dict(row.metrics or {}),
             manifest=dict(row.manifest or {}),
+            lineage=dict(row.lineage) if row.lineage is not None else None,
             created_at=row.created_at,
             artifact_relpath=row.artifact_path,
         )
 
 
 class RegistryService:
-    """Model versions in the database, their files in the artifact store."""
+    """Model versions in the database, their files in the artifact store.
+
+    Lineage: every version has a ``parent_version`` (from its manifest or checkpoint meta) and an
+    optional ``lineage`` dict recording how it was made. Callers that make versions (federation
+    rounds, the factory) pass it to ``register_checkpoint``/``register_bundle``; by convention it holds
+    ``federation_run_id``, ``round``, ``strategy``, ``regions`` (list of region names), and, when the
+    parent is a version of *another* model, ``parent_model``. Any other JSON-serialisable keys are kept
+    as given. ``lineage_chain`` walks from a version back to its root.
+    """
 
     def __init__(self, db: Database, store: ArtifactStore, keys: TrustedKeys) -> None:
         self._db = db
@@ -92,8 +103,11 @@ class RegistryService:
         self._write_lock = threading.Lock()
 
     # --- registering -----------------------------------------------------------------------
-    def register_bundle(self, archive: bytes) -> ModelVersionInfo:
-        """Verify a bundle archive and register it as an edge model version."""
+    def register_bundle(self, archive: bytes, lineage: dict[str, Any] | None = None) -> ModelVersionInfo:
+        """Verify a bundle archive and register it as an edge model version.
+
+        The manifest's ``provenance.federation_round`` and ``source_checkpoint_sha256`` are recorded in
+        the lineage; ``lineage`` (see the class docstring) adds to them and wins on equal keys."""
         trusted = self._keys.load()
         if not trusted:
             raise InvalidInput(
@@ -113,6 +127,11 @@ class RegistryService:
                     f"bundle refused: archive is not a readable tar.gz: {exc}", kind="bad_bundle"
                 ) from None
         m = bundle.manifest
+        from_manifest: dict[str, Any] = {}
+        if m.provenance.federation_round:
+            from_manifest["federation_round"] = m.provenance.federation_round
+        if m.provenance.source_checkpoint_sha256:
+            from_manifest["source_checkpoint_sha256"] = m.provenance.source_checkpoint_sha256
         return self._register(
             name=m.name,
             version=m.version,
@@ -124,10 +143,21 @@ class RegistryService:
             manifest=m.model_dump(mode="json", by_alias=True),
             metrics=m.metrics.model_dump(mode="json", exclude_none=True),
             model_sha256=m.model_sha256,
+            lineage=_merge_lineage(from_manifest, lineage),
         )
 
-    def register_checkpoint(self, data: bytes) -> ModelVersionInfo:
-        """Validate a cloud checkpoint (load + one forward pass on CPU) and register it."""
+    def register_checkpoint(self, data: bytes, lineage: dict[str, Any] | None = None) -> ModelVersionInfo:
+        """Validate a cloud checkpoint (load + one forward pass on CPU) and register it.
+
+        ``lineage`` records how it was made, e.g. for a federated round::
+
+            registry.register_checkpoint(data, lineage={
+                "federation_run_id": "run-7", "round": 3, "strategy": "fedavg", "regions": ["north", "south"],
+            })
+
+        The parent is the checkpoint meta's ``parent_version`` (of the same model unless the lineage
+        names ``parent_model``). A lineage that is not a JSON object is refused with InvalidInput."""
+        lineage = _merge_lineage({}, lineage)
         if not data:
             raise InvalidInput("checkpoint refused: the request body is empty", kind="bad_checkpoint")
         loaded = load_model(data, "cpu")
@@ -142,6 +172,7 @@ class RegistryService:
             data=data,
             manifest=meta.model_dump(mode="json"),
             metrics=dict(meta.metrics),
+            lineage=lineage,
         )
 
     def _register(
@@ -157,6 +188,7 @@ class RegistryService:
         manifest: dict[str, Any],
         metrics: dict[str, Any],
         model_sha256: str | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> ModelVersionInfo:
         with self._write_lock:
             with self._db.session() as s:
@@ -190,6 +222,7 @@ class RegistryService:
                         artifact_path=stored.relpath,
                         manifest=manifest,
                         metrics=metrics,
+                        lineage=lineage,
                     )
                     s.add(row)
                     s.flush()
@@ -204,10 +237,20 @@ class RegistryService:
                 raise
 
     # --- reading ---------------------------------------------------------------------------
-    def list_models(self, limit: int = 100, offset: int = 0) -> tuple[list[ModelSummary], int]:
+    def list_models(
+        self, limit: int = 100, offset: int = 0, *, kind: str | None = None, task: str | None = None
+    ) -> tuple[list[ModelSummary], int]:
+        """Models by name, optionally only one kind (edge, cloud) or task."""
+        conds = []
+        if kind is not None:
+            conds.append(ModelRow.kind == kind)
+        if task is not None:
+            conds.append(ModelRow.task == task)
         with self._db.session() as s:
-            total = s.scalar(select(func.count()).select_from(ModelRow)) or 0
-            models = s.scalars(select(ModelRow).order_by(ModelRow.name).limit(limit).offset(offset)).all()
+            total = s.scalar(select(func.count()).select_from(ModelRow).where(*conds)) or 0
+            models = s.scalars(
+                select(ModelRow).where(*conds).order_by(ModelRow.name).limit(limit).offset(offset)
+            ).all()
             out = []
             for m in models:
                 count = s.scalar(select(func.count()).where(ModelVersionRow.model_id == m.id)) or 0
@@ -221,15 +264,18 @@ class RegistryService:
             return out, total
 
     def list_versions(
-        self, name: str, limit: int = 100, offset: int = 0
+        self, name: str, limit: int = 100, offset: int = 0, *, parent_version: str | None = None
     ) -> tuple[list[ModelVersionInfo], int]:
-        """Versions of ``name``, newest first."""
+        """Versions of ``name``, newest first; ``parent_version`` keeps only that version's children."""
         with self._db.session() as s:
             model = self._model(s, name)
-            total = s.scalar(select(func.count()).where(ModelVersionRow.model_id == model.id)) or 0
+            conds = [ModelVersionRow.model_id == model.id]
+            if parent_version is not None:
+                conds.append(ModelVersionRow.parent_version == parent_version)
+            total = s.scalar(select(func.count()).select_from(ModelVersionRow).where(*conds)) or 0
             rows = s.scalars(
                 select(ModelVersionRow)
-                .where(ModelVersionRow.model_id == model.id)
+                .where(*conds)
                 .order_by(ModelVersionRow.id.desc())
                 .limit(limit)
                 .offset(offset)
@@ -247,6 +293,29 @@ class RegistryService:
             if row is None:
                 raise NotFound(f"model {name} has no version {version!r}")
             return ModelVersionInfo.from_row(row)
+
+    def lineage_chain(
+        self, name: str, version: str, max_depth: int = 1000
+    ) -> tuple[list[ModelVersionInfo], str | None]:
+        """``name:version`` and its ancestors, newest first, following ``parent_version`` (into
+        ``lineage["parent_model"]`` when set). The second value names the first parent that is not
+        registered (None when the chain ends at a root)."""
+        chain = [self.get_version(name, version)]
+        seen = {(name, version)}
+        while len(chain) < max_depth:
+            current = chain[-1]
+            if not current.parent_version:
+                return chain, None
+            parent_model = str((current.lineage or {}).get("parent_model") or current.name)
+            key = (parent_model, current.parent_version)
+            if key in seen:  # a cycle can only come from hand-made manifests; stop instead of looping
+                return chain, None
+            seen.add(key)
+            try:
+                chain.append(self.get_version(*key))
+            except NotFound:
+                return chain, f"{key[0]}:{key[1]}"
+        return chain, None
 
     def latest_version(self, name: str) -> ModelVersionInfo:
         """The most recently registered version of ``name``; NotFound if it has none."""
@@ -281,6 +350,20 @@ class RegistryService:
         if model is None:
             raise NotFound(f"no model named {name!r} is registered")
         return model
+
+
+def _merge_lineage(base: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``base`` updated with ``given``; None when both are empty. Refuses what JSON cannot store."""
+    if given is not None and not isinstance(given, dict):
+        raise InvalidInput(f"lineage must be a JSON object, not {type(given).__name__}")
+    merged = {**base, **(given or {})}
+    try:
+        json.dumps(merged, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"lineage is not JSON-serialisable: {exc}") from None
+    if any(not isinstance(k, str) for k in merged):
+        raise InvalidInput("lineage keys must be strings")
+    return merged or None
 
 
 def _check_compatible(model: ModelRow, name: str, version: str, kind: str, task: str) -> None:

@@ -1,4 +1,4 @@
-"""``edgefed bench edge | cascade | transport``: benchmarks that each write a JSON result and print
+"""``edgefed bench edge | cascade | transport | hub``: benchmarks that each write a JSON result and print
 target vs measured. Only typer and the standard library at import time; everything heavy loads
 inside the command.
 """
@@ -125,3 +125,99 @@ def transport(
     from shared.bench.transport import run_p3
 
     _finish(run_p3(requests=requests, warmup=warmup), out)
+
+
+@bench_app.command()
+def hub(
+    sections: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_SECTIONS",
+                                          help="Comma-separated: p4 (dynamic batching), p5 (load on one hub).")]
+    = "p4,p5",
+    device: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_DEVICE",
+                                        help="P4: auto (cuda when present), cpu or cuda.")] = "auto",
+    concurrency: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_CONCURRENCY", min=1,
+                                             help="P4: concurrent closed-loop submitters.")] = 64,
+    duration: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_DURATION", min=0.1,
+                                            help="P4: timed seconds per configuration and client kind.")] = 5.0,
+    warmup: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_WARMUP_S", min=0.0,
+                                          help="P4: untimed seconds before each timed window.")] = 1.0,
+    max_batch_size: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_MAX_BATCH_SIZE", min=1,
+                                                help="P4: max_batch_size of the batched run.")] = 64,
+    max_queue_delay_ms: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_MAX_QUEUE_DELAY_MS", min=0.0,
+                                                      help="P4: max_queue_delay_ms of the batched run.")] = 2.0,
+    checkpoint: Annotated[Path | None, typer.Option(envvar="EDGEFED_BENCH_CHECKPOINT",
+                                                    help="P4: trained cloud checkpoint; default random weights "
+                                                         "of the factory's ELPV cloud network.")] = None,
+    agents: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_AGENTS", min=1,
+                                        help="P5: connected agents.")] = 1000,
+    rate: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_RATE", min=1.0,
+                                        help="P5: escalations per second offered.")] = 1000.0,
+    p5_duration: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_P5_DURATION", min=1.0,
+                                               help="P5: seconds of offered load.")] = 20.0,
+    out_dir: Annotated[Path, typer.Option(envvar="EDGEFED_BENCH_OUT_DIR", help="Where results go.")] = _OUT,
+) -> None:
+    """P4 hub throughput with dynamic batching vs one at a time; P5 one hub under many agents."""
+    wanted = {s.strip().lower() for s in sections.split(",") if s.strip()}
+    unknown = wanted - {"p4", "p5"}
+    if unknown or not wanted:
+        raise typer.BadParameter(f"unknown section(s) {', '.join(sorted(unknown)) or '(none given)'}; use p4, p5",
+                                 param_hint="--sections")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r} is not a device; use auto, cpu or cuda", param_hint="--device")
+    if "p4" in wanted:
+        from shared.bench.hub_batching import P4Config, run_p4
+
+        cfg = P4Config(device=device, concurrency=concurrency, duration_s=duration, warmup_s=warmup,
+                       max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, checkpoint=checkpoint)
+        try:
+            result = run_p4(cfg)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        _finish(result, out_dir / "hub-p4.json")
+    if "p5" in wanted:
+        from shared.bench.hub_load import run_p5
+
+        _finish(run_p5(agents=agents, rate=rate, duration_s=p5_duration), out_dir / "hub-p5.json")
+
+
+@bench_app.command()
+def fed(
+    sections: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_SECTIONS",
+                                          help="Comma-separated: p6 (federated vs centralized, Fashion-MNIST).")]
+    = "p6",
+    rounds: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_ROUNDS", min=1, help="P6: federated rounds.")] = 20,
+    limit: Annotated[int | None, typer.Option(envvar="EDGEFED_BENCH_LIMIT", min=100,
+                                              help="P6: use a stratified slice of Fashion-MNIST (smoke runs only).")]
+    = None,
+    strategies: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_STRATEGIES",
+                                            help="P6: comma-separated Flower strategies.")] = "fedavg,fedprox,fedadam",
+    regions: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_REGIONS", min=2,
+                                         help="P6: regions (one SuperNode each).")] = 10,
+    alpha: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_ALPHA", min=0.001,
+                                         help="P6: Dirichlet label-skew concentration.")] = 0.3,
+    local_epochs: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_LOCAL_EPOCHS", min=1,
+                                              help="P6: local epochs per round.")] = 1,
+    lr: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_LR", min=1e-6, help="P6: learning rate (Adam).")] = 1e-3,
+    client_eval: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_CLIENT_EVAL",
+                                              help="P6: also let regions evaluate each round.")] = False,
+    out_dir: Annotated[Path, typer.Option(envvar="EDGEFED_BENCH_OUT_DIR", help="Where results go.")] = _OUT,
+) -> None:
+    """P6: FedAvg/FedProx/FedAdam on SuperLink + SuperNodes vs centralized training (JSON + PNG)."""
+    wanted = {s.strip().lower() for s in sections.split(",") if s.strip()}
+    unknown = wanted - {"p6"}
+    if unknown or not wanted:
+        raise typer.BadParameter(f"unknown section(s) {', '.join(sorted(unknown)) or '(none given)'}; use p6",
+                                 param_hint="--sections")
+    names = tuple(s.strip().lower() for s in strategies.split(",") if s.strip())
+    from federation.strategies import STRATEGIES
+
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown strateg(ies) {', '.join(bad) or '(none given)'}; use "
+                                 f"{', '.join(STRATEGIES)}", param_hint="--strategies")
+    if "p6" in wanted:
+        from shared.bench.fed import run_p6
+
+        out = out_dir / "fed-p6.json"
+        _finish(run_p6(rounds=rounds, limit=limit, strategies=names, regions=regions, alpha=alpha,
+                       local_epochs=local_epochs, lr=lr, client_eval=client_eval, plot_path=out.with_suffix(".png")),
+                out)

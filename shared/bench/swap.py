@@ -24,17 +24,15 @@ __all__ = ["run_p8"]
 
 def run_p8(models: BenchModels, data: EvalData, *, swaps: int = 3, clients: int = 4, gap_s: float = 3.0,
            settle_s: float = 0.5, swap_timeout_s: float = 30.0) -> BenchResult:
-    from shared import topics
     from shared.bench.agentload import Hammer, start_rig
     from shared.bench.stack import Stack
     from shared.bundle import pack_bundle
-    from shared.messages import Assignment
-    from shared.mqtt import MqttClient
+    from shared.rollouts import assign_now
 
     name = models.bundle.manifest.name
     base = models.bundle.manifest.version
     result = BenchResult("edge/p8", {"swaps": swaps, "clients": clients, "gap_s": gap_s, "settle_s": settle_s,
-                                     "bundle": f"{name}:{base}", "mechanism": "push to hub + retained assignment"})
+                                     "bundle": f"{name}:{base}", "mechanism": "push + hub assignment (retained)"})
     windows: list[tuple[float, float]] = []
     swap_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-p8-") as tmp, Stack(Path(tmp) / "stack") as stack:
@@ -42,9 +40,6 @@ def run_p8(models: BenchModels, data: EvalData, *, swaps: int = 3, clients: int 
         proc, url = stack.agent(rig.device_id, rig.agent_args)
         proc.start()
         stack.wait(proc, f"{url}/healthz", 60)
-        assert stack.broker is not None
-        admin = MqttClient(stack.broker.url, "bench-swap-admin")
-        admin.start()
         hammer = Hammer(url, rig.bodies, clients=clients).start()
         try:
             time.sleep(gap_s)
@@ -54,8 +49,8 @@ def run_p8(models: BenchModels, data: EvalData, *, swaps: int = 3, clients: int 
                 t0 = time.perf_counter()
                 with stack.client() as client:
                     client.push_bundle(pack_bundle(bundle.path))
-                admin.publish(topics.assignment(rig.device_id),
-                              Assignment(model_name=name, version=version).model_dump_json().encode(), retain=True)
+                    # Pushing moves no device: the hub pins it and publishes the retained assignment.
+                    assign_now(client, version, [rig.device_id], model_name=name)
                 deadline = time.monotonic() + swap_timeout_s
                 while httpx.get(f"{url}/healthz", timeout=5).json().get("model_version") != version:
                     if time.monotonic() > deadline:
@@ -68,7 +63,6 @@ def run_p8(models: BenchModels, data: EvalData, *, swaps: int = 3, clients: int 
                 time.sleep(gap_s)
         finally:
             hammer.stop()
-            admin.stop()
     recs = hammer.records
     t0s = np.array([r[0] for r in recs])
     lat = np.array([(r[1] - r[0]) * 1000.0 for r in recs])

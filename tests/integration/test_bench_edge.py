@@ -54,6 +54,10 @@ def test_p2_curve_spans_edge_only_to_cloud_only(tiny, tmp_path: Path) -> None:  
         assert m["policies"][name]["best_accuracy"] <= m["oracle_router_accuracy"]
     assert [b["target_rate"] for b in m["budget"]] == list(BUDGET_RATES)
     assert all(0 <= b["live_rate"] <= 1 for b in m["budget"])
+    for b in m["budget"]:  # every stream order is reported, the first is the headline one
+        assert len(b["live_rates_all_orders"]) == data["settings"]["budget_orders"] == 10
+        assert b["live_rate"] == b["live_rates_all_orders"][0]
+        assert abs(b["live_error_pt_worst"]) >= abs(b["live_error_pt"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -21,8 +21,9 @@ import pytest
 from shared import messages, topics
 from shared.bundle import generate_keypair, pack_bundle, unpack_bundle
 from shared.codec import encode_frame
-from shared.messages import Assignment, EscalationRequest
+from shared.messages import EscalationRequest
 from shared.mqtt import Message, MqttClient
+from shared.rollouts import assign_now
 from tests.agent_fixtures import AgentProcess
 from tests.hub_fixtures import INPUT_SHAPE, HubModels, HubProcess, build_edge_bundle, start_hub_with_models
 
@@ -130,16 +131,11 @@ def test_bundle_from_untrusted_key_refused_and_old_model_keeps_serving(
         v2 = build_edge_bundle(tmp_path / "v2", onnx_path, rogue, version="2", parent_version="1")
         with hub.client() as admin:
             admin.push_bundle(pack_bundle(v2.path))
-        mqtt = MqttClient(broker.url, "test-admin")
-        mqtt.start()
-        try:
-            mqtt.publish(topics.assignment("line-2"), Assignment(model_name="t-edge", version="2")
-                         .model_dump_json().encode(), retain=True)
-            deadline = time.monotonic() + 20
-            while "does not verify" not in agent.log() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        finally:
-            mqtt.stop()
+            # Pushing moves no device; the hub assigns version 2 and publishes it retained.
+            assign_now(admin, "2", ["line-2"])
+        deadline = time.monotonic() + 20
+        while "does not verify" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert "does not verify against any trusted key" in agent.log()
         health = httpx.get(f"{agent.url}/healthz", timeout=5).json()
         assert health["model_version"] == "1"

@@ -8,9 +8,16 @@ import sys
 import pytest
 
 COMMANDS = [
-    [], ["broker"], ["demo"], ["hub", "serve"], ["agent", "run"], ["model", "train"], ["model", "compress"],
+    [], ["broker"], ["demo"], ["hub", "serve"], ["hub", "worker"], ["agent", "run"], ["model", "train"],
+    ["model", "compress"],
     ["model", "push"], ["model", "list"], ["device", "register"], ["device", "list"],
-    ["bench", "edge"], ["bench", "cascade"], ["bench", "transport"],
+    ["hub", "token", "create"], ["hub", "token", "list"], ["hub", "token", "rotate"], ["hub", "token", "revoke"],
+    ["bench", "edge"], ["bench", "cascade"], ["bench", "transport"], ["bench", "hub"], ["bench", "fed"],
+    ["fed", "superlink"], ["fed", "supernode"],
+    ["fed", "run"], ["fed", "status"], ["fed", "schedule", "create"], ["fed", "schedule", "list"],
+    ["fed", "schedule", "delete"], ["fed", "schedule", "enable"], ["fed", "schedule", "disable"],
+    ["rollout"], ["rollout", "start"], ["rollout", "status"], ["rollout", "list"], ["rollout", "promote"],
+    ["rollout", "pause"], ["rollout", "resume"], ["rollout", "rollback"],
 ]
 
 

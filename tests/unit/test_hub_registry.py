@@ -1,4 +1,5 @@
-"""The registry service and the device service against a real SQLite file and artifact directory."""
+"""The registry service and the device service against a real SQLite file and a real PostgreSQL database
+(every test runs on both), with a real artifact directory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import io
 import json
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +21,7 @@ from cloud_hub.registry import ArtifactStore, RegistryService, TrustedKeys
 from shared.bundle import generate_keypair, pack_bundle
 from tests.hub_fixtures import HubModels, build_edge_bundle
 
-pytest_plugins = ["tests.hub_fixtures"]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'hub.db'}").open()
-    try:
-        yield database
-    finally:
-        database.close()
+pytest_plugins = ["tests.hub_fixtures", "tests.postgres_fixtures"]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cloud_hub.api.deps import AdminDep, PrincipalDep, ServicesDep, ensure_device_or_admin
+from cloud_hub.api.deps import AdminDep, PrincipalDep, ServicesDep, ensure_device_or_admin, error_responses
 from cloud_hub.errors import Forbidden
 from shared.api_schemas import (
     AssignmentPublic,
@@ -17,7 +17,9 @@ from shared.api_schemas import (
     RunningReport,
 )
 
-router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+router = APIRouter(
+    prefix="/api/v1/devices", tags=["devices"], responses=error_responses(400, 401, 403, 404, 409, 422)
+)
 
 
 @router.post("", status_code=201, response_model=DeviceCreated)
@@ -31,10 +33,25 @@ def register_device(body: DeviceCreate, services: ServicesDep, _: AdminDep) -> D
 def list_devices(
     services: ServicesDep,
     _: AdminDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    region: Annotated[str | None, Query(description="Only devices of this region.")] = None,
+    online: Annotated[bool | None, Query(description="Only online (true) or offline (false) devices.")] = None,
+    model: Annotated[str | None, Query(description="Only devices running this edge model.")] = None,
+    running_version: Annotated[str | None, Query(description="Only devices reporting this version.")] = None,
+    assigned_version: Annotated[str | None, Query(description="Only devices pinned to this version.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many items.")] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="Skip this many items.")] = 0,
 ) -> DevicesPublic:
-    devices, count = services.devices.list(limit, offset)
+    """The fleet by device id: region, online state (from the retained status and Last Will), last seen,
+    assigned and running version, escalations answered; ``count`` is the total matching the filters."""
+    devices, count = services.devices.list(
+        limit,
+        offset,
+        region=region,
+        online=online,
+        model_name=model,
+        running_version=running_version,
+        assigned_version=assigned_version,
+    )
     return DevicesPublic(data=devices, count=count)
 
 

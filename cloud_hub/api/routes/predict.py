@@ -43,9 +43,9 @@ async def predict(request: Request, services: ServicesDep, _: PrincipalDep) -> P
         raise InvalidInput('frame metadata needs a "task" string naming the cloud model\'s task')
     if frame.tensor is None:
         raise InvalidInput("frame carries no tensor; send a float32 N×C×H×W tensor")
-    future = services.inference.submit(task, frame.tensor)
+    future = services.inference.submit_async(task, frame.tensor)  # answered once per batch, on this loop
     try:
-        pred = await asyncio.wait_for(asyncio.wrap_future(future), PREDICT_TIMEOUT_S)
+        pred = await asyncio.wait_for(future, PREDICT_TIMEOUT_S)
     except TimeoutError:
         raise Unavailable(f"inference did not finish within {PREDICT_TIMEOUT_S:.0f} s; retry later") from None
     return PredictionPublic(

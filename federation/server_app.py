@@ -1,0 +1,271 @@
+"""The Flower ServerApp: one federation run from the hub's current checkpoint to ``global.pt``.
+
+The run config holds one key, ``spec``: a ``FedRunSpec`` as JSON (``federation.runner`` puts it
+there). The app loads ``spec.initial_checkpoint``, evaluates it on the reference set
+(``federation.reference``), then runs ``spec.rounds`` rounds of the configured Flower strategy
+(``federation.strategies``) through the strategy's own ``configure_*``/``aggregate_*`` methods,
+timing each round and keeping every region's reply metrics:
+
+- a round needs ``max(min_available, min_fit)`` connected SuperNodes within ``round_timeout_s``,
+  and at least ``min_fit`` successful training replies within ``round_timeout_s``; otherwise the
+  run fails with the reason in words;
+- after training, the SuperNodes evaluate the new global model on their own cases (aggregated,
+  weighted by their case counts) and the ServerApp evaluates it on the reference set.
+
+``result.json`` (``FedResult`` as JSON) is rewritten after every round (status ``running``) and at
+the end (``finished``/``failed`` with ``reason``); ``global.pt`` is written when the run finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from federation.records import from_record, to_record
+from federation.spec import FedResult, FedRunSpec
+
+__all__ = ["app", "RunFailed", "write_result"]
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class RunFailed(RuntimeError):
+    """A run cannot go on (too few SuperNodes, too few replies, unusable data); the message says why."""
+
+
+def write_result(output_dir: Path, result: FedResult) -> Path:
+    """Write ``result.json`` atomically (readers never see half a file)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    d = asdict(result)
+    d["global_checkpoint"] = None if result.global_checkpoint is None else str(result.global_checkpoint)
+    tmp = output_dir / f".result.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(d, indent=2, default=_json_default))
+    os.replace(tmp, output_dir / "result.json")
+    return output_dir / "result.json"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _clean(metrics: Any) -> dict[str, Any]:
+    """A MetricRecord (or None) as a plain dict of JSON-safe numbers (NaN becomes None)."""
+    out: dict[str, Any] = {}
+    for k, v in dict(metrics or {}).items():
+        if isinstance(v, float) and v != v:
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+def _wait_for_nodes(grid: Grid, need: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= need:
+            return n
+        if time.monotonic() >= deadline:
+            raise RunFailed(f"only {n} SuperNode(s) connected within {timeout:.0f} s; the run needs {need}")
+        time.sleep(0.2)
+
+
+def _reply_region(msg: Message) -> str:
+    info = msg.content.config_records.get("info")
+    return str(info["region"]) if info is not None and "region" in info else f"node-{msg.metadata.src_node_id}"
+
+
+def _reply_metrics(msg: Message) -> dict[str, Any]:
+    return _clean(next(iter(msg.content.metric_records.values()), None))
+
+
+class _Run:
+    """State of one run: spec, model, reference data, strategy, and the result being built."""
+
+    def __init__(self, spec: FedRunSpec, run_id: str) -> None:
+        import torch
+
+        from federation.reference import load_reference
+        from federation.strategies import build_strategy
+        from federation.training import LocalData, state_to_arrays
+        from shared.models import load_checkpoint
+
+        torch.set_num_threads(int(os.environ.get("EDGEFED_FED_SERVER_THREADS", "1")))
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.run_id = run_id
+        self.started = time.monotonic()
+        self.result = FedResult(
+            status="running", global_checkpoint=None, rounds=[], regions=[], initial_metrics={}, final_metrics={},
+            run_id=run_id,
+        )
+        self.strategy, self.result.privacy = build_strategy(spec, spec.fraction_evaluate)
+        if spec.secagg:
+            raise RunFailed("SecAgg+ is not available with Flower's message-API strategies in this version; "
+                            "run without secagg (server-side DP is available)")
+        ckpt = load_checkpoint(Path(spec.initial_checkpoint))
+        self.meta = ckpt.meta
+        self.model = ckpt.model
+        shape = self.meta.input.shape
+        self.input_chw = (int(shape[1]), int(shape[2]), int(shape[3]))
+        self.num_classes = len(self.meta.labels)
+        x, y = load_reference(spec, self.input_chw, self.num_classes)
+        if len(y) == 0:
+            raise RunFailed("the reference set is empty")
+        self.reference = LocalData.from_labels(x, y, self.num_classes)
+        self.arrays = state_to_arrays(self.model)
+        self.train_config = ConfigRecord(
+            {
+                "task": spec.task,
+                "arch": self.meta.arch,
+                "arch-kwargs": json.dumps(self.meta.arch_kwargs),
+                "input-chw": json.dumps(list(self.input_chw)),
+                "num-classes": self.num_classes,
+                "lr": float(spec.lr),
+                "local-epochs": int(spec.local_epochs),
+                "batch-size": int(spec.batch_size),
+                "soft-weight": float(spec.soft_weight),
+                "seed": int(spec.seed),
+            }
+        )
+
+    def evaluate_global(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        from federation.training import evaluate, load_arrays
+
+        m = evaluate(load_arrays(self.model, arrays), self.reference)
+        return {"val_accuracy": m["accuracy"], "val_loss": m["loss"], "num_examples": int(m["num-examples"])}
+
+    def save(self, status: str, reason: str = "") -> None:
+        self.result.status = status  # type: ignore[assignment]
+        self.result.reason = reason
+        self.result.wall_s = round(time.monotonic() - self.started, 3)
+        write_result(Path(self.spec.output_dir), self.result)
+
+    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        spec = self.spec
+        _wait_for_nodes(grid, max(spec.min_available, spec.min_fit), spec.round_timeout_s)
+        t0 = time.perf_counter()
+        record = to_record(self.arrays)
+        cfg = ConfigRecord(dict(self.train_config))
+        messages = list(self.strategy.configure_train(rnd, record, cfg, grid))
+        replies = list(grid.send_and_receive(messages, timeout=spec.round_timeout_s))
+        train_wall = time.perf_counter() - t0
+        ok = [m for m in replies if not m.has_error()]
+        failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
+        missing = len(messages) - len(replies)
+        if missing > 0:
+            failures.append(f"{missing} SuperNode(s) sent no reply within {spec.round_timeout_s:.0f} s")
+        if len(ok) < spec.min_fit:
+            raise RunFailed(
+                f"round {rnd}: {len(ok)} of {len(messages)} SuperNodes trained successfully, min_fit is "
+                f"{spec.min_fit}" + (f" ({'; '.join(failures)})" if failures else "")
+            )
+        per_region: dict[str, dict[str, Any]] = {_reply_region(m): {"train": _reply_metrics(m)} for m in ok}
+        agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, ok)
+        if agg_arrays is None:
+            raise RunFailed(f"round {rnd}: the strategy could not aggregate the {len(ok)} replies")
+        self.arrays = from_record(agg_arrays)
+        aggregate_s = time.perf_counter() - t0 - train_wall
+        compute = [float(r["train"].get("compute-s") or 0.0) for r in per_region.values()]
+        entry: dict[str, Any] = {
+            "round": rnd,
+            "clients": len(ok),
+            "sampled": len(messages),
+            "regions": sorted(per_region),
+            "failures": failures,
+            "train_metrics": _clean(agg_metrics),
+            "round_wall_s": round(train_wall, 4),
+            "max_client_compute_s": round(max(compute), 4),
+            "overhead_s": round(train_wall - max(compute), 4),
+            "aggregate_s": round(aggregate_s, 4),
+        }
+        if spec.fraction_evaluate > 0:
+            t1 = time.perf_counter()
+            emsgs = list(self.strategy.configure_evaluate(rnd, to_record(self.arrays), ConfigRecord(dict(cfg)), grid))
+            ereplies = list(grid.send_and_receive(emsgs, timeout=spec.round_timeout_s))
+            eok = [m for m in ereplies if not m.has_error()]
+            for m in eok:
+                per_region.setdefault(_reply_region(m), {})["evaluate"] = _reply_metrics(m)
+            entry["client_eval"] = _clean(self.strategy.aggregate_evaluate(rnd, eok)) if eok else {}
+            entry["client_eval_failures"] = [
+                f"node {m.metadata.src_node_id}: {m.error.reason}" for m in ereplies if m.has_error()
+            ]
+            entry["evaluate_wall_s"] = round(time.perf_counter() - t1, 4)
+        entry["per_region"] = per_region
+        t2 = time.perf_counter()
+        entry.update(self.evaluate_global(self.arrays))
+        entry["server_eval_s"] = round(time.perf_counter() - t2, 4)
+        for region in per_region:
+            if region not in self.result.regions:
+                self.result.regions.append(region)
+        return entry
+
+    def finish(self) -> None:
+        from federation.training import load_arrays
+        from shared.models import save_checkpoint
+
+        load_arrays(self.model, self.arrays)
+        self.result.final_metrics = self.evaluate_global(self.arrays)
+        meta = self.meta.model_copy(deep=True)
+        meta.parent_version = self.meta.version
+        meta.version = f"{self.meta.version}+fed{self.run_id}"[:64]
+        meta.metrics = {k: float(v) for k, v in self.result.final_metrics.items() if isinstance(v, (int, float))}
+        meta.created_at = datetime.now(UTC).isoformat()
+        path = Path(self.spec.output_dir) / "global.pt"
+        save_checkpoint(path, meta, self.model)
+        self.result.global_checkpoint = path
+        self.result.regions.sort()
+
+
+def run(grid: Grid, spec: FedRunSpec, run_id: str) -> FedResult:
+    """Run the federation described by ``spec`` on ``grid``; always leaves a result.json behind."""
+    state: _Run | None = None
+    try:
+        state = _Run(spec, run_id)
+        state.result.initial_metrics = state.evaluate_global(state.arrays)
+        state.save("running")
+        for rnd in range(1, spec.rounds + 1):
+            entry = state.run_round(grid, rnd)
+            state.result.rounds.append(entry)
+            log.info("round %d: val_accuracy %.4f, %d client(s)", rnd, entry["val_accuracy"], entry["clients"])
+            state.save("running")
+        state.finish()
+        state.save("finished")
+        return state.result
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+        log.error("federation run %s failed: %s\n%s", run_id, reason, traceback.format_exc())
+        if state is not None:
+            state.save("failed", reason)
+        else:
+            write_result(Path(spec.output_dir), FedResult(
+                status="failed", global_checkpoint=None, rounds=[], regions=[], initial_metrics={}, final_metrics={},
+                reason=reason, run_id=run_id,
+            ))
+        raise
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls: the spec comes from the run config key ``spec``."""
+    raw = context.run_config.get("spec", "")
+    if not raw:
+        raise RunFailed("run config has no 'spec'; submit runs with federation.runner.FederationClient")
+    spec = FedRunSpec.from_dict(json.loads(str(raw)))
+    run(grid, spec, str(context.run_id))
