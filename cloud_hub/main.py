@@ -79,6 +79,7 @@ def _build_app(settings: HubSettings, role: Literal["api", "worker"]) -> FastAPI
         # and echoed on the response, so one id follows a call across processes.
         given = request.headers.get(REQUEST_ID_HEADER, "")
         rid = given if _REQUEST_ID.match(given) else new_request_id()
+        request.state.request_id = rid  # for the 500 handler, which runs outside this middleware
         with request_context(rid):
             response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = rid

@@ -188,10 +188,21 @@ class FlowerDeployment:
         procs = [self.superlink, *self.supernodes.values()]
         return [p.pid for p in procs if p is not None and p.proc is not None]
 
-    def stop(self) -> None:
-        for proc in [*self.supernodes.values(), self.superlink]:
-            if proc is not None:
-                stop_tree(proc)
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every process group at once, SIGKILL what is left after ``timeout``, then stop
+        any detached descendant (SuperExec and its apps) still alive."""
+        procs = [p for p in [*self.supernodes.values(), self.superlink] if p is not None and p.proc is not None]
+        tree = [d for p in procs if p.alive() for d in descendants(p.pid)]
+        for p in procs:
+            if p.alive():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(p.alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in procs:
+            p.stop(timeout=1.0)  # SIGKILLs the group (and any member left behind by its leader)
+        kill_leftovers(tree, timeout=timeout)
 
     def all_pids(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process of this deployment now: leaders and their descendants."""

@@ -19,6 +19,7 @@ from cloud_hub.errors import (
     Unauthorized,
     Unavailable,
 )
+from shared.logs import request_context
 
 __all__ = ["STATUS_BY_ERROR", "install_error_handlers"]
 
@@ -59,9 +60,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug, not bad input: say so in the same JSON shape; the traceback goes to the hub's log.
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # This runs outside the request-id middleware: take the id it left in the request state.
+    rid = getattr(request.state, "request_id", None)
+    with request_context(rid):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
-        {"detail": f"internal error ({type(exc).__name__}); see the hub log"}, status_code=500
+        {"detail": f"internal error ({type(exc).__name__}); see the hub log"},
+        status_code=500,
+        headers={"X-Request-ID": rid} if rid else None,
     )
 
 

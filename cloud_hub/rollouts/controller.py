@@ -243,7 +243,7 @@ class RolloutController:
         self._ticks += 1
         if self._ticks % _PRUNE_EVERY == 0:
             self.health.prune()
-        if self.publisher.resync.is_set():
+        if self.publisher.resync.is_set() and self.publisher.connected:
             self.publisher.resync.clear()
             n = self.publisher.republish_all()
             log.info("re-published %d retained assignment(s)", n)

@@ -30,15 +30,20 @@ class AssignmentPublisher:
         self.resync = threading.Event()  # set on (re)connection and after a failed publish
         self.published = 0
 
-    def publish(self, device_id: str, model_name: str, version: str) -> bool:
+    @property
+    def connected(self) -> bool:
+        return self._gateway.connected
+
+    def publish(self, device_id: str, model_name: str, version: str, *, quiet: bool = False) -> bool:
         """Publish one device's assignment retained; on failure a full re-publish is scheduled."""
         payload = Assignment(model_name=model_name, version=version).model_dump_json().encode()
         ok = self._gateway.publish_retained(topics.assignment(device_id), payload)
         if ok:
             self.published += 1
         else:
-            log.warning("assignment %s:%s for %s not published yet (broker); will retry", model_name, version,
-                        device_id)
+            if not quiet:
+                log.warning("assignment %s:%s for %s not published yet (no broker); re-published on reconnection",
+                            model_name, version, device_id)
             self.resync.set()
         return ok
 
@@ -52,7 +57,7 @@ class AssignmentPublisher:
             ).all()
         n = 0
         for device_id, model_name, version in rows:
-            if not self.publish(device_id, model_name, version):
+            if not self.publish(device_id, model_name, version, quiet=True):
                 return n
             n += 1
         return n

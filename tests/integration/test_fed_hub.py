@@ -24,6 +24,9 @@ from tests.fed_fixtures import make_edge_checkpoint, make_reference, make_region
 from tests.hub_fixtures import HubModels, HubProcess
 
 pytest_plugins = ["tests.hub_fixtures"]
+# A Flower run starts a ServerApp and a ClientApp per region, each importing torch: about 90 s for the
+# main test on an idle 2-core machine, several minutes when other suites share the cores.
+pytestmark = pytest.mark.timeout(900)
 
 
 @dataclass

@@ -125,12 +125,13 @@ def test_unsigned_untrusted_and_garbage_bundles_are_refused(
 def test_duplicate_version_and_kind_or_task_clash_are_conflicts(
     registry: RegistryService, hub_models: HubModels, tmp_path: Path
 ) -> None:
-    first = registry.register_bundle(hub_models.bundle_archive)
+    archive = hub_models.bundle_archive  # packed once: a gzip header carries the packing time
+    first = registry.register_bundle(archive)
     again = hub_models.make_bundle("1", tmp_path / "again")  # same name and version, other bytes (time)
     with pytest.raises(Conflict, match="t-edge version 1 is already registered"):
         registry.register_bundle(pack_bundle(again.path))
     assert registry.get_version("t-edge", "1").sha256 == first.sha256
-    assert registry.artifact_file(first).read_bytes() == hub_models.bundle_archive
+    assert registry.artifact_file(first).read_bytes() == archive
 
     clash = hub_models.make_bundle("1", tmp_path / "clash", name="t-cloud")
     registry.register_checkpoint(hub_models.checkpoint_path.read_bytes())

@@ -125,7 +125,7 @@ def test_root_cli_log_format_option_and_envvar(tmp_path: Path) -> None:
     assert tables == set()
 
 
-def test_hub_rest_requests_get_and_propagate_x_request_id(tmp_path: Path) -> None:
+def test_hub_rest_requests_get_and_propagate_x_request_id(tmp_path: Path, restore_root_logging: None) -> None:
     from fastapi.testclient import TestClient
 
     from cloud_hub.config import HubSettings
@@ -146,7 +146,13 @@ def test_hub_rest_requests_get_and_propagate_x_request_id(tmp_path: Path) -> Non
         seen.append(current_request_id())
         return {}
 
-    with TestClient(app) as client:
+    @app.get("/_probe_bug")
+    def probe_bug() -> dict[str, str]:
+        raise RuntimeError("a bug")
+
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    with TestClient(app, raise_server_exceptions=False) as client:
         r = client.get("/_probe_sync", headers={"X-Request-ID": "edge-req-7"})
         assert r.headers["X-Request-ID"] == "edge-req-7"
         r = client.get("/_probe_async")
@@ -157,4 +163,9 @@ def test_hub_rest_requests_get_and_propagate_x_request_id(tmp_path: Path) -> Non
         # Errors carry it too.
         r = client.get("/api/v1/models/nope/versions/1", headers={"X-Request-ID": "err-1"})
         assert r.status_code in (401, 404) and r.headers["X-Request-ID"] == "err-1"
+        # A bug: 500, and both the response and the logged traceback name the request id.
+        r = client.get("/_probe_bug", headers={"X-Request-ID": "bug-1"})
+        assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-1"
+    [bug] = [rec for rec in _lines(out) if rec["level"] == "ERROR"]
+    assert bug["request_id"] == "bug-1" and "RuntimeError: a bug" in bug["exc_info"]
     assert seen == ["edge-req-7", generated, seen[2]] and seen[2] not in (None, "edge-req-7", generated)
