@@ -71,7 +71,7 @@ class BudgetPolicy:
         fallback_threshold: float = 0.8,
         window: int = 1000,
         min_samples: int = 50,
-        horizon: float = 25.0,
+        horizon: float = 50.0,
         max_adjust: float | None = None,
         seed: int = 0,
     ) -> None:

@@ -164,11 +164,14 @@ class RolloutController:
                 for pos, device_id in enumerate(order):
                     s.add(RolloutDeviceRow(rollout_id=row.id, device_id=device_id, position=pos,
                                            previous_version=previous[device_id]))
+                s.flush()
                 _event(row, "started", 0, f"{model}:{plan.version} to {plan.target.describe()}: "
                        f"{len(order)} devices in {len(waves)} wave(s)")
+                canary = self._begin_wave(s, row, 0)  # in the same transaction as the rollout itself
                 rollout_id = row.id
             log.info("rollout %d started: %s:%s to %d devices", rollout_id, model, plan.version, len(order))
-            self._start_wave(rollout_id, 0)
+            for device_id in canary:
+                self._devices.assign(device_id, plan.version)
             return self.get(rollout_id)
 
     def get(self, rollout_id: int) -> RolloutPublic:
@@ -325,29 +328,33 @@ class RolloutController:
     # --- transitions -----------------------------------------------------------------------------
     def _start_wave(self, rollout_id: int, wave: int) -> None:
         """Assign the new version to the devices of ``wave`` and start its window."""
-        now = utcnow()
         with self._db.session() as s:
             row = self._row(s, rollout_id)
-            size = _cumulative_sizes(row.waves)[wave]
-            devs = s.scalars(
-                select(RolloutDeviceRow)
-                .where(RolloutDeviceRow.rollout_id == rollout_id, RolloutDeviceRow.position < size,
-                       RolloutDeviceRow.wave.is_(None))
-                .order_by(RolloutDeviceRow.position)
-            ).all()
-            for d in devs:
-                d.wave, d.assigned_at = wave, now
-            ids = [d.device_id for d in devs]
-            row.current_wave = wave
-            row.wave_started_at = now
-            row.state = "running"
-            self._set_wave(row, wave, decision="observing", started_at=_iso(now))
-            _event(row, "wave_started", wave, f"{row.waves[wave]['name']}: {len(ids)} device(s) get "
-                   f"{row.model_name}:{row.version}")
+            ids = self._begin_wave(s, row, wave)
             version = row.version
-        # Committed first: a crash between the two leaves devices the tick's view already counts.
+        # Committed first: after a crash in between, the tick's reconciliation assigns them.
         for device_id in ids:
             self._devices.assign(device_id, version)
+
+    def _begin_wave(self, s: Session, row: RolloutRow, wave: int) -> list[str]:
+        """Mark the devices of ``wave`` as assigned and start its window (in ``s``); their ids."""
+        now = utcnow()
+        size = _cumulative_sizes(row.waves)[wave]
+        devs = s.scalars(
+            select(RolloutDeviceRow)
+            .where(RolloutDeviceRow.rollout_id == row.id, RolloutDeviceRow.position < size,
+                   RolloutDeviceRow.wave.is_(None))
+            .order_by(RolloutDeviceRow.position)
+        ).all()
+        for d in devs:
+            d.wave, d.assigned_at = wave, now
+        row.current_wave = wave
+        row.wave_started_at = now
+        row.state = "running"
+        self._set_wave(row, wave, decision="observing", started_at=_iso(now))
+        _event(row, "wave_started", wave, f"{row.waves[wave]['name']}: {len(devs)} device(s) get "
+               f"{row.model_name}:{row.version}")
+        return [d.device_id for d in devs]
 
     def _roll_back(self, rollout_id: int, detail: str) -> None:
         with self._db.session() as s:

@@ -2,8 +2,9 @@
 
 A wave is judged on ``Aggregate``s over one window: the devices on the new version (candidate) and
 those still on the previous version (baseline). ``evaluate`` returns True (every gate passed), False
-(a gate failed) or None (too few cases on the new version to judge yet), and one ``GateResult`` per
-gate with the measured value, the baseline's and the limit that applied.
+(a gate failed) or None (too few cases, or too few escalated cases answered by the cloud, on the new
+version to judge yet), and one ``GateResult`` per gate with the measured value, the baseline's and the
+limit that applied.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def evaluate(
         ]
     if any(r.passed is False for r in results):
         return False, results
-    if cand.requests < th.min_requests:
+    if cand.requests < th.min_requests or cand.cloud_answers < th.min_cloud_answers:
+        # Agreement with the cloud is the one signal of a wrong answer: no verdict without it.
         return None, results
     return True, results
 

@@ -80,12 +80,14 @@ def _edge_probs(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _budget_runs(
-    cal_probs: np.ndarray, test_probs: np.ndarray, score: str, seed: int, orders: int
+    cal_probs: np.ndarray, test_probs: np.ndarray, score: str, seed: int, orders: int,
+    edge_right: np.ndarray, cloud_right: np.ndarray,
 ) -> list[dict[str, Any]]:
     """The budget policy fed the test split in ``orders`` shuffled orders per target rate.
 
     Each order is one site's stream: the realised rate is the share of that whole stream escalated,
-    warm-up from the calibration quantiles included.
+    warm-up from the calibration quantiles included. Its cascade accuracy is set against the curve's
+    at the same count (the k least certain escalated): what the rate control costs in ranking.
     """
     from edge_agent.budget import BudgetPolicy, threshold_from_quantiles
     from shared.bundle.manifest import BundleMetrics
@@ -95,14 +97,19 @@ def _budget_runs(
     quantiles = [float(q) for q in np.quantile(cal_scores, np.linspace(0, 1, 101))]
     metrics = BundleMetrics(**{f"calibration_{score}_quantiles": quantiles})
     perms = [np.random.default_rng(seed + i).permutation(len(test_probs)) for i in range(orders)]
+    _, curve_acc = cascade_curve(test_scores, edge_right, cloud_right)
     rows = []
     for rate in BUDGET_RATES:
         static_thr = threshold_from_quantiles(quantiles, rate)
-        realised, finals = [], []
+        realised, finals, acc, ideal = [], [], [], []
         for order in perms:
             policy = BudgetPolicy(rate, score=score, calibration=metrics)  # type: ignore[arg-type]
-            realised.append(float(np.mean([policy.should_escalate(test_probs[i]) for i in order])))
+            escalated = np.zeros(len(order), dtype=bool)
+            escalated[order] = [policy.should_escalate(test_probs[i]) for i in order]
+            realised.append(float(escalated.mean()))
             finals.append(float(policy.threshold))
+            acc.append(float(np.where(escalated, cloud_right, edge_right).mean()))
+            ideal.append(float(curve_acc[int(escalated.sum())]))
         errors = 100.0 * (np.asarray(realised) - rate)
         rows.append({
             "target_rate": rate,
@@ -114,6 +121,8 @@ def _budget_runs(
             "live_error_pt_mean": round(float(errors.mean()), 3),
             "live_error_pt_worst": round(float(errors[np.argmax(np.abs(errors))]), 3),
             "final_threshold": round(finals[0], 6),
+            "live_accuracy_mean": round(float(np.mean(acc)), 4),
+            "curve_accuracy_at_same_count_mean": round(float(np.mean(ideal)), 4),
         })
     return rows
 
@@ -153,7 +162,7 @@ def run_p2(models: BenchModels, data: EvalData, *, budget_score: str = "confiden
             "curve": [[round(float(r), 4), round(float(a), 4)]
                       for r, a in zip(rates[::step], acc[::step], strict=True)],
         }
-    budget = _budget_runs(cal_p, edge_p, budget_score, seed, orders)
+    budget = _budget_runs(cal_p, edge_p, budget_score, seed, orders, edge_right, cloud_right)
     best = min(SCORE_NAMES, key=lambda n: (policies[n]["lowest_rate_at_cloud_accuracy"] is None,
                                             policies[n]["lowest_rate_at_cloud_accuracy"] or 0.0))
     worst_live = max(abs(r["live_error_pt_worst"]) for r in budget)

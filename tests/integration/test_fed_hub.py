@@ -7,6 +7,8 @@ stays within about a minute and a half on two cores.
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import pytest
 from federation.processes import FlowerDeployment
 from shared.broker import DevBroker
 from shared.hub_client import HubClient
+from shared.processes import free_port
 from tests.fed_fixtures import make_edge_checkpoint, make_reference, make_regions
 from tests.hub_fixtures import HubModels, HubProcess
 
@@ -37,6 +40,21 @@ class FedHub:
     edge_source: Path
 
 
+def _port_outside_ephemeral_range() -> int:
+    """A free port below Linux's ephemeral range (32768+): the hub restarts on the same port, and while it
+    is down the SuperNodes' many outgoing connections could otherwise take that port as their own."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 @pytest.fixture(scope="module")
 def fed_hub(
     session_broker: DevBroker, hub_models: HubModels, tmp_path_factory: pytest.TempPathFactory
@@ -49,6 +67,7 @@ def fed_hub(
         public_keys=[hub_models.public_key_path],
         default_model=hub_models.edge_name,
         extra_args=["--superlink", flower.address, "--fed-poll", "1"],
+        port=_port_outside_ephemeral_range(),
     )
     try:
         hub.start(timeout=180)

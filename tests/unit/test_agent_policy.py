@@ -178,7 +178,7 @@ def test_budget_realised_rate_does_not_inherit_the_calibration_error(rate: float
 def test_budget_adaptation_is_bounded() -> None:
     metrics = BundleMetrics(calibration_confidence_quantiles=list(np.linspace(0.5, 1.0, 101)))
     # Before min_samples the calibration decides: 40 certain cases escalate none, so 4 are owed;
-    # unbounded, the level would be 0.1 + 4/25 = 0.26; bounded, it stays at target + 0.05.
+    # unbounded, the level would be 0.1 + 4/50 = 0.18; bounded, it stays at target + 0.05.
     sure = BudgetPolicy(0.1, calibration=metrics, max_adjust=0.05)
     assert not any(sure.should_escalate(p) for p in _two_class(np.full(40, 0.999)))
     assert sure.deficit == pytest.approx(4.0)

@@ -57,6 +57,11 @@ def test_too_few_cases_is_undecided_but_load_failures_fail_at_once() -> None:
     assert verdict is False and gates[0].value == 1 and "cam-2" in gates[0].detail
 
 
+def test_no_verdict_without_enough_cloud_answers() -> None:
+    verdict, gates = evaluate(GateThresholds(min_cloud_answers=5), _agg(answers=2, agreed=2), _agg(), [])
+    assert verdict is None and next(g for g in gates if g.name == "agreement").passed is None
+
+
 def test_without_a_baseline_only_absolute_limits_apply() -> None:
     th = GateThresholds(min_agreement=0.8, max_p99_latency_ms=10.0)
     verdict, gates = evaluate(th, _agg(agreed=9, p99=8.0), None, [])
