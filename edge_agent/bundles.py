@@ -5,6 +5,7 @@ Layout under ``<data-dir>``::
     trusted_keys.pem               pinned hub keys (trust on first use) unless --trusted-key is given
     bundles/<name>-<version>/      verified bundles (model.onnx + manifest.json)
     bundles/current.json           the bundle last activated, preferred when the hub is unreachable
+    rollback.json                  an operator's rollback, kept across restarts (``edge_agent.rollback``)
 
 A downloaded archive is unpacked into a staging directory and verified there (``open_bundle``:
 manifest, SHA-256, Ed25519 signature); only a bundle that verifies is moved into place, so a
