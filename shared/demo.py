@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "run_demo", "DemoReport", "LoopStack", "FedSettings", "start_loop_stack", "split_phases", "stream",
     "send_feedback", "run_federation", "edge_scores", "phase_metrics", "escalation_at_accuracy",
-    "wait_for_version",
+    "wait_for_version", "live_scores", "compare_scores", "compare_versions", "TrafficLoop",
 ]
 
 TASK = "elpv"
@@ -141,7 +141,7 @@ def run_demo(workdir: Path, epochs: int | None = None, retrain: bool = False) ->
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # Each run starts with a fresh broker, hub, Flower deployment and agents; only the trained models are reused.
-    for state in ("broker", "hub", "agents", "logs", "flower"):
+    for state in ("broker", "hub", "agents", "logs", "flower", "downloads"):
         shutil.rmtree(workdir / state, ignore_errors=True)
     try:
         with ExitStack() as stack:
@@ -184,21 +184,23 @@ class LoopStack:
 
 def start_loop_stack(
     workdir: Path, stack: ExitStack, regions: Sequence[str], *, epochs: int | None = None, retrain: bool = False,
-    say: Callable[[str], None] = _say, steps: int = 9,
+    models_dir: Path | None = None, say: Callable[[str], None] = _say, steps: int = 9,
 ) -> LoopStack:
-    """Models (cached), mosquitto, a SuperLink + one SuperNode per region, the hub with federation,
-    one agent per region (telemetry every second); every process is stopped by ``stack``."""
+    """Models (cached in ``models_dir``, default ``workdir/models``), mosquitto, a SuperLink + one SuperNode
+    per region, the hub with federation, one agent per region (telemetry every second); every process is
+    stopped by ``stack``."""
     from cloud_hub.factory import build_reference_models
     from federation.processes import FlowerDeployment
     from shared.bundle import pack_bundle
     from shared.hub_client import HubClient
 
-    say(f"1/{steps} models: training (or reusing cached) cloud and edge models for {TASK!r} in {workdir / 'models'}")
+    models_dir = Path(models_dir).resolve() if models_dir is not None else workdir / "models"
+    say(f"1/{steps} models: training (or reusing cached) cloud and edge models for {TASK!r} in {models_dir}")
     # The factory's default key location inside the models directory, so that other tools given
     # the same directory (e.g. `edgefed bench edge --models demo-output/models`) sign alike.
-    key = workdir / "models" / "signing.key"
+    key = models_dir / "signing.key"
     cloud_ckpt, edge_ckpt, bundle = build_reference_models(
-        workdir / "models", TASK, epochs=epochs, signing_key=key, force=retrain, progress=True
+        models_dir, TASK, epochs=epochs, signing_key=key, force=retrain, progress=True
     )
     m = bundle.manifest.metrics
     say(
@@ -276,9 +278,9 @@ def split_phases(data: Dataset, regions: Sequence[str], share_a: float = PHASE_A
     phase_b: list[tuple[int, str]] = []
     parts = partition_elpv(data, len(REGIONS), indices=test_idx)
     for region, idx in zip(REGIONS, parts, strict=True):
+        idx = rng.permutation(np.asarray(idx, dtype=np.int64))  # drawn for every region: same phases for any subset
         if region not in regions:
             continue
-        idx = rng.permutation(np.asarray(idx, dtype=np.int64))
         cut = int(round(len(idx) * share_a))
         phase_a += [(int(i), region) for i in sorted(idx[:cut])]
         phase_b += [(int(i), region) for i in sorted(idx[cut:])]
@@ -487,15 +489,21 @@ def edge_scores(model_path: Path, images: np.ndarray, spec: Any) -> tuple[np.nda
 
 def escalation_at_accuracy(conf: np.ndarray, edge: np.ndarray, cloud: np.ndarray, y: np.ndarray,
                            target: float) -> float | None:
-    """The smallest share of cases a cascade must escalate (least confident first) to reach ``target``
-    accuracy, the escalated ones answered by the cloud; None if even escalating everything does not."""
+    """The smallest share of cases a cascade must escalate to reach ``target`` accuracy, the escalated ones
+    answered by the cloud; None if no threshold reaches it.
+
+    Escalated sets are what a confidence threshold can escalate: every case below it. Cases of equal
+    confidence (frequent with INT8 outputs) go up together, so no tie is split by an arbitrary order."""
     order = np.argsort(conf, kind="stable")
+    c = np.asarray(conf, dtype=np.float64)[order]
     edge_ok = (edge == y)[order].astype(np.int64)
     cloud_ok = (cloud == y)[order].astype(np.int64)
     n = len(y)
-    # correct(k) = cloud right on the first k + edge right on the rest
+    # correct(k) = cloud right on the k least confident + edge right on the rest
     correct = np.concatenate([[0], np.cumsum(cloud_ok)]) + (edge_ok.sum() - np.concatenate([[0], np.cumsum(edge_ok)]))
-    reach = np.flatnonzero(correct >= target * n - 1e-9)
+    cut = np.ones(n + 1, dtype=bool)  # k is reachable by a threshold unless it splits a group of equal confidences
+    cut[1:n] = c[:-1] < c[1:]
+    reach = np.flatnonzero(cut & (correct >= target * n - 1e-9))
     return None if len(reach) == 0 else float(reach[0] / n)
 
 
@@ -519,25 +527,52 @@ def _live_metrics(results: dict[int, dict[str, Any]], idx: Sequence[int], y: np.
             "fallbacks": int(sum(results[i]["source"] == "edge-fallback" for i in idx))}
 
 
-def compare_versions(old_model: Path, new_model: Path | None, images: np.ndarray, spec: Any, cloud: np.ndarray,
-                     y: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Old vs new edge model on the same cases: metrics at ``threshold`` and the escalation rate each needs
-    for the cascade to reach the old model's cascade accuracy at ``threshold`` (equal accuracy)."""
-    old_edge, old_conf = edge_scores(old_model, images, spec)
+def live_scores(results: dict[int, dict[str, Any]], idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(edge labels, edge confidences) the agents reported for the cases ``idx``."""
+    return (np.array([results[i]["edge_label"] for i in idx]),
+            np.array([results[i]["edge_confidence"] for i in idx], dtype=np.float64))
+
+
+def compare_scores(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray] | None,
+                   cloud: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Old vs new edge model on the same cases from their (labels, confidences): metrics at ``threshold``,
+    and the escalation rate each needs for the cascade to reach the old model's cascade accuracy at
+    ``threshold`` ("escalation rate at equal accuracy"), and its relative drop."""
     out: dict[str, Any] = {"cases": int(len(y)), "threshold": round(threshold, 4),
                            "cloud_only_accuracy": round(float((cloud == y).mean()), 4),
-                           "old_offline": phase_metrics(old_edge, old_conf, cloud, y, threshold)}
-    target = out["old_offline"]["cascade_accuracy"]
+                           "old": phase_metrics(old[0], old[1], cloud, y, threshold)}
+    target = out["old"]["cascade_accuracy"]
     out["equal_accuracy_target"] = target
-    old_rate = escalation_at_accuracy(old_conf, old_edge, cloud, y, target)
+    old_rate = escalation_at_accuracy(old[1], old[0], cloud, y, target)
     out["old_escalation_at_target"] = old_rate
-    if new_model is None:
+    if new is None:
         return out
-    new_edge, new_conf = edge_scores(new_model, images, spec)
-    out["new_offline"] = phase_metrics(new_edge, new_conf, cloud, y, threshold)
-    new_rate = escalation_at_accuracy(new_conf, new_edge, cloud, y, target)
+    out["new"] = phase_metrics(new[0], new[1], cloud, y, threshold)
+    new_rate = escalation_at_accuracy(new[1], new[0], cloud, y, target)
     out["new_escalation_at_target"] = new_rate
-    out["relative_drop"] = (round(1 - new_rate / old_rate, 4) if new_rate is not None and old_rate else None)
+    out["relative_drop"] = round(1 - new_rate / old_rate, 4) if new_rate is not None and old_rate else None
+    # The same measure at other accuracy targets (one case is 1/n: small sets make single targets noisy).
+    n = len(y)
+    counts = {int((old[0] == y).sum()), int(round(target * n)), int((cloud == y).sum()),
+              *range(int(round(target * n)), n + 1, max(1, n // 50))}
+    targets = [k / n for k in sorted(counts)]
+    out["curve"] = [
+        {"target": round(t, 4), "old": escalation_at_accuracy(old[1], old[0], cloud, y, t),
+         "new": escalation_at_accuracy(new[1], new[0], cloud, y, t)}
+        for t in targets
+    ]
+    return out
+
+
+def compare_versions(old_model: Path, new_model: Path | None, images: np.ndarray, spec: Any, cloud: np.ndarray,
+                     y: np.ndarray, threshold: float) -> dict[str, Any]:
+    """``compare_scores`` of two edge ONNX models run offline (onnxruntime, batch 1) on ``images``."""
+    old = edge_scores(old_model, images, spec)
+    new = edge_scores(new_model, images, spec) if new_model is not None else None
+    out = compare_scores(old, new, cloud, y, threshold)
+    out["old_offline"] = out.pop("old")
+    if "new" in out:
+        out["new_offline"] = out.pop("new")
     return out
 
 
@@ -602,7 +637,8 @@ def _run(workdir: Path, epochs: int | None, retrain: bool, stack: ExitStack) -> 
         "failure": r.failure, "summary": lines,
     }
 
-    new_dir = unpack_bundle(s.client.download_artifact(name, new_version), workdir / "hub-download" / new_version)
+    (workdir / "downloads").mkdir(parents=True, exist_ok=True)
+    new_dir = unpack_bundle(s.client.download_artifact(name, new_version), workdir / "downloads" / new_version)
     _say("9/9 before/after on phase B: old model offline (onnxruntime, same bundle the agents ran), new model "
          "offline and live through the agents")
     ba = compare_versions(s.bundle.path / "model.onnx", new_dir / "model.onnx", data.images[idx_b], spec,

@@ -303,7 +303,7 @@ class StandInHub:
 
 
 @pytest.fixture
-def hub(signing_keys: SigningKeys) -> Iterator[StandInHub]:
+def stand_in_hub(signing_keys: SigningKeys) -> Iterator[StandInHub]:
     h = StandInHub([signing_keys.public_pem.decode()]).start()
     try:
         yield h

@@ -4,6 +4,8 @@ A worker thread takes the oldest waiting request, then waits until either ``max_
 samples of the same key are queued or ``max_queue_delay_ms`` has passed since that request
 arrived, and hands the batch to ``execute``. Under load the queue refills while a batch runs, so
 the next batch forms without waiting; with one lone request the delay is the most it ever waits.
+The delay applies only under load (the previous batch held more than one request): a request that
+arrives after an idle spell runs at once, so light traffic pays no batching latency.
 
 Rules every request can rely on:
 
@@ -127,6 +129,7 @@ class DynamicBatcher(Generic[R]):
         self._execute = execute
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self._last_batch_requests = 0
         self.max_queue = max_queue
         self.deadline_ms = deadline_ms
         self._metrics = metrics
@@ -249,7 +252,10 @@ class DynamicBatcher(Generic[R]):
                 self._cond.wait()
             key = min(self._pending, key=lambda k: self._pending[k][0].enqueued)
             q = self._pending[key]
-            flush_at = q[0].enqueued + self.max_queue_delay_s
+            # Wait for a batch to fill only under load (the last batch held more than one request): a lone
+            # request after an idle spell runs at once instead of paying the whole delay.
+            delay = self.max_queue_delay_s if self._last_batch_requests > 1 else 0.0
+            flush_at = q[0].enqueued + delay
             while self._running and self._samples[key] < self.max_batch_size:
                 wait = flush_at - time.monotonic()
                 if wait <= 0:
@@ -279,6 +285,8 @@ class DynamicBatcher(Generic[R]):
             if not q:
                 del self._pending[key]
                 del self._samples[key]
+            if batch:
+                self._last_batch_requests = len(batch)
         return key, batch, expired
 
     def _run_batch(self, key: str, batch: list[_Request[R]]) -> None:

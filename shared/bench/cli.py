@@ -182,7 +182,8 @@ def hub(
 @bench_app.command()
 def fed(
     sections: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_SECTIONS",
-                                          help="Comma-separated: p6 (federated vs centralized, Fashion-MNIST).")]
+                                          help="Comma-separated: p6 (federated vs centralized, Fashion-MNIST), "
+                                               "p9 (the loop on ELPV: escalations before/after one round).")]
     = "p6",
     rounds: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_ROUNDS", min=1, help="P6: federated rounds.")] = 20,
     limit: Annotated[int | None, typer.Option(envvar="EDGEFED_BENCH_LIMIT", min=100,
@@ -199,13 +200,25 @@ def fed(
     lr: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_LR", min=1e-6, help="P6: learning rate (Adam).")] = 1e-3,
     client_eval: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_CLIENT_EVAL",
                                               help="P6: also let regions evaluate each round.")] = False,
+    models: Annotated[Path | None, typer.Option(
+        envvar="EDGEFED_BENCH_P9_MODELS",
+        help="P9: reference models directory (cloud.pt, edge.pt, bundle/, signing.key; trained there if absent or "
+             "made with other settings); default bench-results/models/elpv.")] = None,
+    p9_rounds: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_P9_ROUNDS", min=1,
+                                           help="P9: federated rounds on the regions' hard cases.")] = 1,
+    p9_local_epochs: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_P9_LOCAL_EPOCHS", min=1,
+                                                 help="P9: local epochs per round.")] = 6,
+    p9_lr: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_P9_LR", min=1e-7,
+                                         help="P9: learning rate (Adam).")] = 3e-4,
+    p9_feedback: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_P9_FEEDBACK", min=0.0, max=1.0,
+                                               help="P9: share of escalated phase-A cases inspectors label.")] = 0.5,
     out_dir: Annotated[Path, typer.Option(envvar="EDGEFED_BENCH_OUT_DIR", help="Where results go.")] = _OUT,
 ) -> None:
-    """P6: FedAvg/FedProx/FedAdam on SuperLink + SuperNodes vs centralized training (JSON + PNG)."""
+    """P6: FedAvg/FedProx/FedAdam on SuperLink + SuperNodes vs centralized training (JSON + PNG); P9: the loop."""
     wanted = {s.strip().lower() for s in sections.split(",") if s.strip()}
-    unknown = wanted - {"p6"}
+    unknown = wanted - {"p6", "p9"}
     if unknown or not wanted:
-        raise typer.BadParameter(f"unknown section(s) {', '.join(sorted(unknown)) or '(none given)'}; use p6",
+        raise typer.BadParameter(f"unknown section(s) {', '.join(sorted(unknown)) or '(none given)'}; use p6, p9",
                                  param_hint="--sections")
     names = tuple(s.strip().lower() for s in strategies.split(",") if s.strip())
     from federation.strategies import STRATEGIES
@@ -221,3 +234,10 @@ def fed(
         _finish(run_p6(rounds=rounds, limit=limit, strategies=names, regions=regions, alpha=alpha,
                        local_epochs=local_epochs, lr=lr, client_eval=client_eval, plot_path=out.with_suffix(".png")),
                 out)
+    if "p9" in wanted:
+        from shared.bench.loop import run_p9
+
+        p9_strategy = names[0] if len(names) == 1 else "fedavg"
+        _finish(run_p9(out_dir / "p9-work", models_dir=models or _OUT / "models" / "elpv", rounds=p9_rounds,
+                       local_epochs=p9_local_epochs, lr=p9_lr, strategy=p9_strategy, feedback_share=p9_feedback),
+                out_dir / "fed-p9.json")

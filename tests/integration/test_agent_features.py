@@ -66,15 +66,15 @@ class Running:
 def run_agent(
     tmp_path: Path,
     broker,
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
 ) -> Iterator[Callable[..., Running]]:
-    hub.publish(bundle_v1)
+    stand_in_hub.publish(bundle_v1)
     started: list[Agent] = []
 
     def start(**kw: object) -> Running:
         values: dict[str, object] = dict(
-            hub_url=hub.url,
+            hub_url=stand_in_hub.url,
             broker_url=broker.url,
             device_id=DEVICE,
             region="north",
@@ -263,14 +263,15 @@ def test_late_duplicated_answer_is_applied_once(run_agent, responder: Responder)
 
 def test_rollback_over_the_api_and_the_cli(
     run_agent,
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     signing_keys: SigningKeys,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
     edge = run_agent(policy="edge-only")
     r = edge.client.post("/v1/model/rollback")
     assert r.status_code == 409 and "no previous bundle" in r.json()["detail"]
-    hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0", scale=-10.0))
+    v2 = make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0", scale=-10.0)
+    stand_in_hub.publish(v2)
     assert edge.agent.apply_assignment() is True
     assert edge.infer(0.95, label=1)["model_version"] == "2.0.0"
     r = edge.client.post("/v1/model/rollback")
@@ -278,7 +279,7 @@ def test_rollback_over_the_api_and_the_cli(
     assert r.json() == {"model_name": "tiny", "model_version": "1.0.0", "previous_version": "2.0.0"}
     back = edge.infer(0.95, label=1)
     assert (back["model_version"], back["label"]) == ("1.0.0", 1)
-    assert hub.running[-1] == (DEVICE, "tiny", "1.0.0")
+    assert stand_in_hub.running[-1] == (DEVICE, "tiny", "1.0.0")
     # The hub still assigns 2.0.0; the agent does not undo the operator's rollback on its own.
     assert edge.agent.apply_assignment() is False and edge.service.runtime.version == "1.0.0"
     served = ServedApp(edge.agent.app).start()  # type: ignore[arg-type]

@@ -111,19 +111,19 @@ def _tamper_model(bundle: VerifiedBundle, tmp: Path) -> bytes:
 def test_start_pins_keys_downloads_reports_and_publishes_status(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,
     watch,  # noqa: ANN001
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hub.publish(bundle_v1)
-    settings = settings_for(hub.url)
+    stand_in_hub.publish(bundle_v1)
+    settings = settings_for(stand_in_hub.url)
     with caplog.at_level(logging.WARNING):
         agent = start(agents, settings)
     assert "on first use" in caplog.text and str(settings.pinned_keys_path) in caplog.text
-    assert settings.pinned_keys_path.read_text().strip() == hub.keys_pem[0].strip()
+    assert settings.pinned_keys_path.read_text().strip() == stand_in_hub.keys_pem[0].strip()
     assert (settings.bundles_dir / "tiny-1.0.0" / "model.onnx").is_file()
-    assert hub.running == [(DEVICE, "tiny", "1.0.0")]
+    assert stand_in_hub.running == [(DEVICE, "tiny", "1.0.0")]
     watcher = watch()
     online = watcher.next(lambda s: True)
     assert (online.state, online.model_name, online.model_version, online.region) == (
@@ -141,29 +141,29 @@ def test_start_pins_keys_downloads_reports_and_publishes_status(
 def test_refused_update_keeps_serving_the_old_model(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
     signing_keys: SigningKeys,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hub.publish(bundle_v1)
-    agent = start(agents, settings_for(hub.url))
+    stand_in_hub.publish(bundle_v1)
+    agent = start(agents, settings_for(stand_in_hub.url))
     assert agent.service is not None
     v2 = make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0", scale=-10.0)
-    hub.publish(v2, archive=_tamper_model(v2, tmp_path))
+    stand_in_hub.publish(v2, archive=_tamper_model(v2, tmp_path))
     with caplog.at_level(logging.ERROR):
         assert agent.apply_assignment() is False
     assert "refusing bundle" in caplog.text and "SHA-256 of model.onnx" in caplog.text
     assert "keeping tiny:1.0.0" in caplog.text
     assert agent.service.runtime.version == "1.0.0"
     assert not (agent.settings.bundles_dir / "tiny-2.0.0").exists()
-    assert hub.running == [(DEVICE, "tiny", "1.0.0")]
+    assert stand_in_hub.running == [(DEVICE, "tiny", "1.0.0")]
 
-    hub.publish(v2)  # the genuine v2
+    stand_in_hub.publish(v2)  # the genuine v2
     assert agent.apply_assignment() is True
     assert agent.service.runtime.version == "2.0.0"
-    assert hub.running[-1] == (DEVICE, "tiny", "2.0.0")
+    assert stand_in_hub.running[-1] == (DEVICE, "tiny", "2.0.0")
     # scale -10 flips the model: the same input now reads as the other label.
     assert asyncio.run(agent.service.infer(tensor_with_confidence(0.95, label=1))).label == 0
 
@@ -171,17 +171,17 @@ def test_refused_update_keeps_serving_the_old_model(
 def test_assignment_message_triggers_the_update(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
     signing_keys: SigningKeys,
     tmp_path: Path,
     broker,
     watch,  # noqa: ANN001
 ) -> None:
-    hub.publish(bundle_v1)
-    agent = start(agents, settings_for(hub.url))
+    stand_in_hub.publish(bundle_v1)
+    agent = start(agents, settings_for(stand_in_hub.url))
     assert agent.service is not None
-    hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
+    stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
     admin = MqttClient(broker.url, "test-admin")
     admin.start()
     try:
@@ -201,13 +201,13 @@ def test_assignment_message_triggers_the_update(
 def test_tampered_assignment_at_start_falls_back_to_the_verified_bundle_on_disk(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
     signing_keys: SigningKeys,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = settings_for(hub.url, trusted_key=signing_keys.public_path)
+    settings = settings_for(stand_in_hub.url, trusted_key=signing_keys.public_path)
     install_bundle(settings.root, bundle_v1)
     v2 = make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0")
     copy = tmp_path / "edited"
@@ -215,7 +215,7 @@ def test_tampered_assignment_at_start_falls_back_to_the_verified_bundle_on_disk(
     manifest = json.loads((copy / MANIFEST_FILE).read_text())
     manifest["labels"] = ["fine", "scrap"]
     (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    hub.publish(v2, archive=pack_bundle(copy))
+    stand_in_hub.publish(v2, archive=pack_bundle(copy))
     with caplog.at_level(logging.ERROR):
         agent = start(agents, settings)
     assert "refusing the assigned bundle" in caplog.text and "signature of bundle tiny:2.0.0" in caplog.text
@@ -257,11 +257,11 @@ def test_no_model_or_no_trust_means_no_start(settings_for, signing_keys: Signing
 def test_broker_down_at_start_still_serves_at_the_edge(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
 ) -> None:
-    hub.publish(bundle_v1)
-    settings = settings_for(hub.url, broker_url=f"mqtt://127.0.0.1:{free_port()}", broker_connect_wait_s=0.1)
+    stand_in_hub.publish(bundle_v1)
+    settings = settings_for(stand_in_hub.url, broker_url=f"mqtt://127.0.0.1:{free_port()}", broker_connect_wait_s=0.1)
     agent = start(agents, settings)
     assert agent.service is not None and agent.service.escalator is not None
     assert not agent.service.escalator.connected
@@ -272,16 +272,16 @@ def test_broker_down_at_start_still_serves_at_the_edge(
 def test_swap_under_load_fails_no_request(
     settings_for,  # noqa: ANN001
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,
     signing_keys: SigningKeys,
     tmp_path: Path,
 ) -> None:
-    hub.publish(bundle_v1)
-    agent = start(agents, settings_for(hub.url, policy="edge-only"))
+    stand_in_hub.publish(bundle_v1)
+    agent = start(agents, settings_for(stand_in_hub.url, policy="edge-only"))
     service = agent.service
     assert service is not None
-    hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
+    stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
 
     async def load() -> list[str]:
         swap = asyncio.create_task(asyncio.to_thread(agent.apply_assignment))
@@ -324,15 +324,15 @@ def test_running_version_is_reported_once_the_hub_is_back(
 def test_unloadable_bundle_is_refused_and_reported_while_the_old_model_serves(
     settings_for,
     agents: list[Agent],
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
     signing_keys: SigningKeys,
     tmp_path: Path,
     watch,  # noqa: ANN001
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hub.publish(bundle_v1)
-    agent = start(agents, settings_for(hub.url))
+    stand_in_hub.publish(bundle_v1)
+    agent = start(agents, settings_for(stand_in_hub.url))
     assert agent.service is not None and agent.app is not None
     # Correctly signed, hash matches, but not an ONNX model: verification passes, loading fails.
     garbage = tmp_path / "garbage.onnx"
@@ -341,7 +341,7 @@ def test_unloadable_bundle_is_refused_and_reported_while_the_old_model_serves(
     broken = write_bundle(
         tmp_path / "made" / "tiny-3.0.0", garbage, v1m.model_copy(update={"version": "3.0.0"}), signing_keys.private
     )
-    hub.publish(broken)
+    stand_in_hub.publish(broken)
     with caplog.at_level(logging.ERROR):
         assert agent.apply_assignment() is False
     assert "cannot serve tiny:3.0.0" in caplog.text and "keeping tiny:1.0.0" in caplog.text
@@ -353,6 +353,6 @@ def test_unloadable_bundle_is_refused_and_reported_while_the_old_model_serves(
     with TestClient(agent.app) as client:
         assert client.get("/healthz").json()["update_error"] == status.last_error
     # A good update clears the report.
-    hub.publish(make_bundle(tmp_path / "made" / "tiny-4.0.0", signing_keys.private, version="4.0.0"))
+    stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-4.0.0", signing_keys.private, version="4.0.0"))
     assert agent.apply_assignment() is True
     assert watch().next(lambda s: s.model_version == "4.0.0").last_error == ""

@@ -43,17 +43,17 @@ def _no_torch_env(tmp_path: Path) -> dict[str, str]:
 def test_agent_process_serves_escalates_and_stops_cleanly(
     tmp_path: Path,
     broker,
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     responder: Responder,
     bundle_v1: VerifiedBundle,  # noqa: ANN001
 ) -> None:
-    hub.publish(bundle_v1)
+    stand_in_hub.publish(bundle_v1)
     statuses: queue.Queue[DeviceStatus] = queue.Queue()
     watcher = MqttClient(broker.url, "watcher")
     watcher.subscribe(topics.status("cam-proc"), lambda m: statuses.put(DeviceStatus.model_validate_json(m.payload)))
     watcher.start()
     agent = AgentProcess(
-        hub_url=hub.url,
+        hub_url=stand_in_hub.url,
         broker_url=broker.url,
         device_id="cam-proc",
         data_dir=tmp_path / "agent",
@@ -83,4 +83,4 @@ def test_agent_process_serves_escalates_and_stops_cleanly(
     assert code == 0, agent.log()
     assert "Traceback" not in agent.log(), agent.log()
     assert statuses.get(timeout=5).state == "offline"
-    assert hub.running == [("cam-proc", "tiny", "1.0.0")]
+    assert stand_in_hub.running == [("cam-proc", "tiny", "1.0.0")]

@@ -42,7 +42,7 @@ def _assign(broker_url: str, version: str) -> None:
 def test_rollback_survives_a_restart_until_a_new_assignment(
     tmp_path: Path,
     broker,  # noqa: ANN001
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     signing_keys: SigningKeys,
     bundle_v1: VerifiedBundle,
 ) -> None:
@@ -51,13 +51,14 @@ def test_rollback_survives_a_restart_until_a_new_assignment(
 
     def agent() -> AgentProcess:
         return AgentProcess(
-            hub_url=hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir, extra=["--policy", "edge-only"]
+            hub_url=stand_in_hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir,
+            extra=["--policy", "edge-only"],
         )
 
-    hub.publish(bundle_v1)
+    stand_in_hub.publish(bundle_v1)
     first = agent().start()
     try:
-        hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
+        stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
         _assign(broker.url, "2.0.0")
         wait_until(lambda: _version(first) == "2.0.0", what="update to 2.0.0")
         r = httpx.post(f"{first.url}/v1/model/rollback")
@@ -71,14 +72,14 @@ def test_rollback_survives_a_restart_until_a_new_assignment(
         assert first.stop() == 0, first.log()
 
     # The hub's REST assignment and the retained message still say 2.0.0.
-    reports = len(hub.running)
+    reports = len(stand_in_hub.running)
     second = agent().start()
     try:
         assert _version(second) == "1.0.0", second.log()
         wait_until(lambda: httpx.get(f"{second.url}/healthz").json()["broker_connected"], what="broker connected")
         time.sleep(1.0)  # the retained 2.0.0 assignment has been delivered by now; it must stay ignored
         assert _version(second) == "1.0.0", second.log()
-        assert hub.running[reports:] == [(DEVICE, "tiny", "1.0.0")]
+        assert stand_in_hub.running[reports:] == [(DEVICE, "tiny", "1.0.0")]
         assert "keeping the rollback to tiny:1.0.0" in second.log()
         # A further rollback goes back to the version rolled back from, as before the restart.
         r = httpx.post(f"{second.url}/v1/model/rollback")
@@ -86,7 +87,7 @@ def test_rollback_survives_a_restart_until_a_new_assignment(
         r = httpx.post(f"{second.url}/v1/model/rollback")
         assert (r.status_code, r.json()["model_version"]) == (200, "1.0.0"), r.text
         # A new assignment is followed, and the rollback is forgotten.
-        hub.publish(make_bundle(tmp_path / "made" / "tiny-3.0.0", signing_keys.private, version="3.0.0"))
+        stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-3.0.0", signing_keys.private, version="3.0.0"))
         _assign(broker.url, "3.0.0")
         wait_until(lambda: _version(second) == "3.0.0", what="update to 3.0.0")
         assert not state_file.exists()
@@ -98,23 +99,23 @@ def test_rollback_survives_a_restart_until_a_new_assignment(
 def test_new_assignment_made_while_the_agent_was_down_wins_over_the_rollback(
     tmp_path: Path,
     broker,  # noqa: ANN001
-    hub: StandInHub,
+    stand_in_hub: StandInHub,
     signing_keys: SigningKeys,
     bundle_v1: VerifiedBundle,
 ) -> None:
     data_dir = tmp_path / "agent"
-    hub.publish(bundle_v1)
-    first = AgentProcess(hub_url=hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir).start()
+    stand_in_hub.publish(bundle_v1)
+    first = AgentProcess(hub_url=stand_in_hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir).start()
     try:
-        hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
+        stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-2.0.0", signing_keys.private, version="2.0.0"))
         _assign(broker.url, "2.0.0")
         wait_until(lambda: _version(first) == "2.0.0", what="update to 2.0.0")
         assert httpx.post(f"{first.url}/v1/model/rollback").status_code == 200
     finally:
         assert first.stop() == 0, first.log()
     assert (data_dir / "rollback.json").is_file()
-    hub.publish(make_bundle(tmp_path / "made" / "tiny-3.0.0", signing_keys.private, version="3.0.0"))
-    second = AgentProcess(hub_url=hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir).start()
+    stand_in_hub.publish(make_bundle(tmp_path / "made" / "tiny-3.0.0", signing_keys.private, version="3.0.0"))
+    second = AgentProcess(hub_url=stand_in_hub.url, broker_url=broker.url, device_id=DEVICE, data_dir=data_dir).start()
     try:
         assert _version(second) == "3.0.0", second.log()
         assert not (data_dir / "rollback.json").exists()

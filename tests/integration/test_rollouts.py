@@ -65,7 +65,8 @@ def permuted_onnx(src: Path, dst: Path, order: tuple[int, ...] = (1, 0)) -> Path
 
 @dataclass
 class Recorder:
-    """Every message on edgefed/v1/+/assignment, as (device, version), in arrival order."""
+    """Every assignment of this module's devices, as (device, version), in arrival order (the session broker
+    also holds other tests' retained assignments)."""
 
     broker_url: str
     seen: list[tuple[str, str]] = field(default_factory=list)
@@ -78,8 +79,9 @@ class Recorder:
         return self
 
     def _on(self, msg: Message) -> None:
-        if msg.payload:
-            self.seen.append((topics.device_from_topic(msg.topic), Assignment.model_validate_json(msg.payload).version))
+        device = topics.device_from_topic(msg.topic)
+        if msg.payload and device in DEVICES:
+            self.seen.append((device, Assignment.model_validate_json(msg.payload).version))
 
     def got(self, device_id: str, version: str) -> bool:
         return (device_id, version) in self.seen
