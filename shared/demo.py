@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "run_demo", "DemoReport", "LoopStack", "FedSettings", "start_loop_stack", "split_phases", "stream",
     "send_feedback", "run_federation", "edge_scores", "phase_metrics", "escalation_at_accuracy",
-    "wait_for_version", "live_scores", "compare_scores", "compare_versions", "TrafficLoop",
+    "wait_for_version", "cloud_predict", "live_scores", "compare_scores", "compare_versions", "TrafficLoop",
 ]
 
 TASK = "elpv"
@@ -387,7 +387,7 @@ def send_feedback(agent_urls: dict[str, str], results: dict[int, dict[str, Any]]
             "cloud_answer_was_wrong": corrected}
 
 
-def _cloud_predict(hub_url: str, token: str, data: Dataset, idx: np.ndarray, spec: Any) -> np.ndarray:
+def cloud_predict(hub_url: str, token: str, data: Dataset, idx: np.ndarray, spec: Any) -> np.ndarray:
     from shared.codec import encode_frame
     from shared.data.preprocess import to_model_input
 
@@ -597,8 +597,8 @@ def _run(workdir: Path, epochs: int | None, retrain: bool, stack: ExitStack) -> 
 
     _say("6/9 cloud-only reference: the full model over the hub's REST predict (phase A and B)")
     spec = s.bundle.manifest.input
-    cloud_a = _cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_a), spec)
-    cloud_b = _cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_b), spec)
+    cloud_a = cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_a), spec)
+    cloud_b = cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_b), spec)
     report = _report(results_a, data.labels, idx_a, cloud_a, s.threshold, s.bundle)
     report.phases = {"phase_a_cases": len(phase_a), "phase_b_cases": len(phase_b), "phase_a_share": PHASE_A_SHARE,
                      "split": "each region's test cases, shuffled (seed 0), first share = phase A"}

@@ -45,7 +45,7 @@ def run_p9(work_dir: Path, *, models_dir: Path | None = None, regions: tuple[str
     from shared.demo import (
         REGIONS,
         FedSettings,
-        _cloud_predict,
+        cloud_predict,
         compare_scores,
         compare_versions,
         live_scores,
@@ -82,7 +82,7 @@ def run_p9(work_dir: Path, *, models_dir: Path | None = None, regions: tuple[str
         say(f"phase A: {len(phase_a)} cases through the agents; phase B: {len(phase_b)} held out")
         results_a = stream(s.agent_urls, phase_a, data.images, desc="phase A")
         feedback = send_feedback(s.agent_urls, results_a, data.labels, share=feedback_share)
-        cloud_b = _cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_b), s.bundle.manifest.input)
+        cloud_b = cloud_predict(s.hub_url, s.admin, data, np.asarray(idx_b), s.bundle.manifest.input)
 
         fed = run_federation(s, regions, settings, say=say)
         result.measurements["federation"] = fed
