@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -309,32 +310,36 @@ class MqttGateway:
 
     # --- device status ---------------------------------------------------------------------
     def _on_status(self, msg: Message) -> None:
-        if not msg.payload:  # a cleared retained status
+        parsed = _device_message(msg, DeviceStatus, "status")  # None also for a cleared retained status
+        if parsed is None:
             return
-        try:
-            device_id = topics.device_from_topic(msg.topic)
-            status = DeviceStatus.model_validate_json(msg.payload)
-        except (ValueError, ValidationError) as exc:
-            log.warning("ignoring malformed status on %s: %s", msg.topic, str(exc).splitlines()[0])
-            return
-        if status.device_id != device_id:
-            log.warning("ignoring status on %s that names device %r", msg.topic, status.device_id)
-            return
+        device_id, status = parsed
         # The device's clock may run ahead; never record a last_seen in the future.
         self._activity.status(device_id, status.state == "online", min(status.at, time.time()))
 
     # --- telemetry -------------------------------------------------------------------------
     def _on_telemetry(self, msg: Message) -> None:
         sink = self._telemetry_sink
-        if sink is None or not msg.payload:
-            return
-        try:
-            device_id = topics.device_from_topic(msg.topic)
-            tel = Telemetry.model_validate_json(msg.payload)
-        except (ValueError, ValidationError) as exc:
-            log.warning("ignoring malformed telemetry on %s: %s", msg.topic, str(exc).splitlines()[0])
-            return
-        if tel.device_id != device_id:
-            log.warning("ignoring telemetry on %s that names device %r", msg.topic, tel.device_id)
-            return
-        sink(device_id, tel)
+        parsed = _device_message(msg, Telemetry, "telemetry") if sink is not None else None
+        if parsed is not None:
+            sink(*parsed)
+
+
+_M = TypeVar("_M", DeviceStatus, Telemetry)
+
+
+def _device_message(msg: Message, model: type[_M], what: str) -> tuple[str, _M] | None:
+    """A device's status or telemetry message as (device id, message); None (logged) if empty,
+    malformed, or naming another device than its topic."""
+    if not msg.payload:
+        return None
+    try:
+        device_id = topics.device_from_topic(msg.topic)
+        parsed = model.model_validate_json(msg.payload)
+    except (ValueError, ValidationError) as exc:
+        log.warning("ignoring malformed %s on %s: %s", what, msg.topic, str(exc).splitlines()[0])
+        return None
+    if parsed.device_id != device_id:
+        log.warning("ignoring %s on %s that names device %r", what, msg.topic, parsed.device_id)
+        return None
+    return device_id, parsed
