@@ -183,17 +183,9 @@ class HubServices:
                 log.warning("could not look for new cloud models", exc_info=True)
 
     def _start_rollout(self, run_id: int, info: ModelVersionInfo, plan: dict[str, Any]) -> str:
-        """The hook from a federation run whose version passed its gate to the rollout controller;
-        returns what happened, in words, for the run's record."""
-        from shared.rollouts import RolloutCreate
-
-        controller = getattr(self, "rollouts", None)
-        if controller is None:
-            return "rollout requested but not available on this hub"
-        rollout = controller.start(
-            RolloutCreate.model_validate({**plan, "model_name": info.name, "version": info.version})
-        )
-        return f"rollout {getattr(rollout, 'id', '?')} started for {info.name}:{info.version}"
+        """The hook from a federation run whose version passed its gate to the rollout controller (built after
+        the federation service, hence this indirection)."""
+        return self.rollouts.start_handover(run_id, info, plan)
 
     def activate_cloud(self, info: ModelVersionInfo) -> ModelSpec:
         """Make a registered cloud version the active model for its task."""

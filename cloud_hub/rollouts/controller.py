@@ -33,7 +33,7 @@ from cloud_hub.db.rollouts import RolloutDeviceRow, RolloutRow
 from cloud_hub.db.session import Database
 from cloud_hub.devices import DeviceService
 from cloud_hub.errors import Conflict, InvalidInput, NotFound
-from cloud_hub.registry import RegistryService
+from cloud_hub.registry import ModelVersionInfo, RegistryService
 from cloud_hub.rollouts.gates import Aggregate, evaluate, failed_summary
 from cloud_hub.rollouts.health import HealthRecorder
 from cloud_hub.rollouts.publisher import AssignmentPublisher
@@ -109,6 +109,13 @@ class RolloutController:
                 log.exception("rollout tick failed")
 
     # --- the API ---------------------------------------------------------------------------------
+    def start_handover(self, run_id: int, info: ModelVersionInfo, plan: dict[str, Any]) -> str:
+        """The federation hand-over: start ``plan`` (a rollout plan without model and version, as a schedule
+        or round request carries it) for the version federation run ``run_id`` registered; returns what
+        happened, in words, for the run's record. Raises as :meth:`start` does."""
+        rollout = self.start({**plan, "model_name": info.name, "version": info.version})
+        return f"rollout {rollout.id} started for {info.name}:{info.version} (federation run {run_id})"
+
     def start(self, plan: RolloutCreate | dict[str, Any]) -> RolloutPublic:
         """Create and start a rollout from ``plan`` (a ``shared.rollouts.RolloutCreate`` or its dict).
 

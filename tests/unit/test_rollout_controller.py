@@ -156,3 +156,15 @@ def test_a_plan_for_another_model_or_nobody_is_refused(hub: Hub) -> None:
     with pytest.raises(InvalidInput, match="rollout plan is invalid"):
         ctl.start({"version": "2", "waves": [{"percent": 20}]})
     assert ctl.list() == ([], 0)
+
+
+def test_federation_handover_starts_the_plan_for_the_registered_version(hub: Hub) -> None:
+    ctl = hub.controller()
+    info = hub.registry.get_version("t-edge", "3")
+    said = ctl.start_handover(7, info, {"canary_devices": ["c-0"], "waves": [{"percent": 100}], "window_s": 0.2})
+    assert said.startswith("rollout ") and "t-edge:3" in said and "federation run 7" in said
+    (r,) = [r for r in ctl.list()[0] if r.version == "3"]
+    assert r.state == "running" and r.model_name == "t-edge"
+    assert {d for d, v in hub.pinned().items() if v == "3"} == {"c-0"}  # the canary only, so far
+    with pytest.raises(Conflict):  # the same devices cannot be handed a second version meanwhile
+        ctl.start_handover(8, hub.registry.get_version("t-edge", "2"), {"canary_devices": ["c-0"]})
