@@ -75,6 +75,18 @@ MaxQueueOpt = Annotated[
         envvar="EDGEFED_MAX_QUEUE", help="Requests waiting for inference before new ones are refused (queue_full)."
     ),
 ]
+CpuRuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="EDGEFED_HUB_CPU_RUNTIME",
+        help="What runs a cloud model on the CPU: onnxruntime (the same network exported in memory, used "
+        "only if its probabilities match PyTorch's; else PyTorch) or torch.",
+    ),
+]
+CpuThreadsOpt = Annotated[
+    int,
+    typer.Option(envvar="EDGEFED_HUB_CPU_THREADS", help="Threads per CPU model; 0: half the usable cores."),
+]
 WarmupOpt = Annotated[
     int,
     typer.Option(
@@ -123,6 +135,8 @@ def serve(
     request_deadline_ms: RequestDeadlineOpt = 5000.0,
     max_queue: MaxQueueOpt = 10_000,
     warmup_batches: WarmupOpt = 2,
+    cpu_runtime: CpuRuntimeOpt = "onnxruntime",
+    cpu_threads: CpuThreadsOpt = 0,
     rollout_tick: Annotated[
         float,
         typer.Option(
@@ -195,6 +209,8 @@ def serve(
         request_deadline_ms=request_deadline_ms,
         max_queue=max_queue,
         warmup_batches=warmup_batches,
+        cpu_runtime=cpu_runtime,
+        cpu_threads=cpu_threads,
         rollout_tick_s=rollout_tick,
         superlink_address=superlink,
         signing_key_file=signing_key,
@@ -232,6 +248,8 @@ def worker(
     request_deadline_ms: RequestDeadlineOpt = 5000.0,
     max_queue: MaxQueueOpt = 10_000,
     warmup_batches: WarmupOpt = 2,
+    cpu_runtime: CpuRuntimeOpt = "onnxruntime",
+    cpu_threads: CpuThreadsOpt = 0,
     db_wait: Annotated[
         float,
         typer.Option(
@@ -254,6 +272,8 @@ def worker(
         request_deadline_ms=request_deadline_ms,
         max_queue=max_queue,
         warmup_batches=warmup_batches,
+        cpu_runtime=cpu_runtime,
+        cpu_threads=cpu_threads,
         db_wait_s=db_wait,
         **({"worker_id": worker_id} if worker_id else {}),
     )

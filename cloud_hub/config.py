@@ -48,6 +48,10 @@ class HubSettings(BaseSettings):
         "elpv-edge", validation_alias=_env("default_model_name", "EDGEFED_DEFAULT_MODEL")
     )
     max_batch_size: int = Field(32, ge=1, le=4096)
+    cpu_runtime: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="What runs a cloud model on the CPU (PyTorch when the export does not match)"
+    )
+    cpu_threads: int = Field(0, ge=0, le=256, description="Threads per CPU model; 0: half the usable cores")
     max_queue: int = Field(10_000, ge=1, description="Requests waiting for inference before submits are refused")
     max_queue_delay_ms: float = Field(
         2.0, ge=0, le=1000, description="Longest a request waits for others to share its batch"

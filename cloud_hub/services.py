@@ -51,6 +51,8 @@ class HubServices:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             request_deadline_ms=settings.request_deadline_ms or None,
             warmup_batches=settings.warmup_batches,
+            cpu_runtime=settings.cpu_runtime,
+            cpu_threads=settings.cpu_threads,
         )
         self.tokens = TokenService(self.db)
         self.escalations = EscalationStore(self.db, DEFAULT_PAYLOAD_POLICY, settings.stats_retention_s)

@@ -3,6 +3,12 @@
 It sets TCP_NODELAY on every connection (paho never does; without it a QoS 1 exchange costs
 40-88 ms of Nagle delay), reconnects on its own, re-subscribes after a reconnect, and turns
 paho's numeric return codes into ``MqttError`` at the boundary.
+
+Two costs of paho's threaded loop are removed (``_FastPahoClient``), because they dominate a busy
+hub's CPU: paho reads every packet with 3-4 ``recv`` calls (1 byte of command, 1 byte per length
+byte, then the rest), and every queued packet, even a PUBACK queued by the network thread itself,
+writes a byte to a socket pair to wake that thread. Here reads go through a 64 KiB buffer, and only
+a packet queued from another thread wakes the network thread, once until it has written.
 """
 
 from __future__ import annotations
@@ -62,6 +68,122 @@ class Message:
 
 Handler = Callable[[Message], None]
 
+_READ_CHUNK = 65536
+
+
+class _BufferedSocket:
+    """A socket whose ``recv`` is served from a buffer filled by large reads.
+
+    paho asks ``pending()`` (meant for TLS) before it waits in ``select``: buffered bytes count as
+    pending, so paho reads them without waiting. Everything else is the wrapped socket's.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        available = len(self._buf) - self._pos
+        if available <= 0:
+            data = self._sock.recv(max(bufsize, _READ_CHUNK))  # raises as the socket does (EAGAIN, SSL)
+            if len(data) <= bufsize:
+                return data
+            self._buf, self._pos = data, 0
+            available = len(data)
+        n = min(bufsize, available)
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+        return out
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - send, close, setblocking, setsockopt, ...
+        return getattr(self._sock, name)
+
+
+_MERGEABLE = frozenset({paho.PUBACK, paho.PUBREC, paho.PUBREL, paho.PUBCOMP})
+_MERGE_LIMIT = 64 * 1024
+
+
+def _mergeable(command: int, qos: int) -> bool:
+    """Packets whose bytes can share one ``send``: paho does nothing per packet once they are written
+    (QoS 0 publishes get a callback and DISCONNECT closes the socket, so those stay apart)."""
+    kind = command & 0xF0
+    return kind in _MERGEABLE or (kind == paho.PUBLISH and qos > 0)
+
+
+class _FastPahoClient(paho.Client):
+    """paho's client with buffered reads, merged writes and coalesced wake-ups of its network thread.
+
+    Overrides private methods of paho-mqtt 2.2 (pinned in pyproject.toml; tests/unit/test_mqtt_fast.py
+    checks they still exist and behave): ``_create_socket``, ``_packet_queue`` and ``loop_write``.
+    ``_queue_lock`` makes queueing (which may append to the last queued packet) and writing (which
+    takes packets off the queue) exclusive.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._wake_pending = False
+        self._queue_lock = threading.RLock()
+
+    def _create_socket(self):  # noqa: ANN202
+        sock = super()._create_socket()
+        return sock if self._transport == "websockets" else _BufferedSocket(sock)
+
+    def _packet_queue(self, command, packet, mid, qos, info=None):  # noqa: ANN001, ANN202
+        thread = self._thread
+        if thread is None:  # no network thread (connecting, stopped): paho's own way
+            return super()._packet_queue(command, packet, mid, qos, info)
+        with self._queue_lock:
+            queue = self._out_packet
+            last = queue[-1] if queue else None
+            if (
+                last is not None
+                and _mergeable(command, qos)
+                and _mergeable(last["command"], last["qos"])
+                and last["to_process"] + len(packet) <= _MERGE_LIMIT
+            ):
+                # Written after the last queued packet anyway: one send for both. Nothing reads
+                # command/mid/info of a written QoS>0 publish or acknowledgement.
+                if not last.get("merged"):  # a buffer of our own, then appended to in place
+                    last["packet"], last["merged"] = bytearray(last["packet"]), True
+                last["packet"] += packet
+                last["to_process"] += len(packet)
+            else:
+                queue.append(
+                    {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                     "packet": packet, "info": info}
+                )
+        # On the network thread (a PUBACK, a publish from a handler) nothing needs waking: its loop
+        # writes whatever is queued before it waits again. From another thread, wake it unless a
+        # wake-up is already pending; the flag is read after queueing, and the network thread
+        # clears it before it writes, so a packet is never left queued while the thread waits.
+        if threading.current_thread() is not thread and not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+        return paho.MQTT_ERR_SUCCESS
+
+    def _wake(self) -> None:
+        pair = self._sockpairW
+        if pair is not None:
+            try:
+                pair.send(b"0")
+            except BlockingIOError:
+                pass
+
+    def loop_write(self):  # noqa: ANN201
+        with self._queue_lock:
+            self._wake_pending = False  # packets queued from now on wake the thread again
+            return super().loop_write()
+
 
 class MqttClient:
     """A paho MQTT v5 client with a background network thread.
@@ -87,7 +209,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._on_connect_hooks: list[Callable[[], None]] = []
-        self._client = paho.Client(
+        self._client = _FastPahoClient(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
         if username:
@@ -113,6 +235,45 @@ class MqttClient:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait: float | None = 10.0) -> None:
         """Connect in the background; with ``wait`` block until connected or raise MqttError."""
+        self._connect_args()
+        self._client.loop_start()
+        if wait is not None and not self._connected.wait(wait):
+            self.stop()
+            raise MqttError(f"no connection to broker {self.address.url} within {wait:.0f} s")
+
+    def open_unthreaded(self) -> socket.socket:
+        """Open the connection without a network thread and return its socket: the caller runs many
+        clients in one thread (load generators), calling ``pump`` when the socket is readable and
+        ``tick`` every few seconds; publishes are written at once. The CONNACK, and with it
+        ``connected`` and the subscriptions, arrive through ``pump``. No reconnection in this mode."""
+        self._connect_args()
+        try:
+            self._client.reconnect()
+        except OSError as exc:
+            raise MqttError(f"cannot connect to {self.address.url}: {exc}") from exc
+        sock = self._client.socket()
+        if sock is None:
+            raise MqttError(f"no socket after connecting to {self.address.url}")
+        return sock
+
+    def pump(self) -> bool:
+        """Unthreaded mode: read and handle everything received, write what is queued; False once the
+        connection is lost."""
+        c = self._client
+        rc = c.loop_read()
+        sock = c.socket()
+        while rc == paho.MQTT_ERR_SUCCESS and sock is not None and sock.pending() > 0:
+            rc = c.loop_read()
+            sock = c.socket()
+        if rc == paho.MQTT_ERR_SUCCESS and c.want_write():
+            rc = c.loop_write()
+        return rc == paho.MQTT_ERR_SUCCESS and c.socket() is not None
+
+    def tick(self) -> None:
+        """Unthreaded mode: keepalive pings and retries (call every few seconds)."""
+        self._client.loop_misc()
+
+    def _connect_args(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         try:
@@ -122,10 +283,6 @@ class MqttClient:
             )
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot start connecting to {self.address.url}: {exc}") from exc
-        self._client.loop_start()
-        if wait is not None and not self._connected.wait(wait):
-            self.stop()
-            raise MqttError(f"no connection to broker {self.address.url} within {wait:.0f} s")
 
     def stop(self) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""

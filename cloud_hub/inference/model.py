@@ -6,6 +6,10 @@ pinned output buffer: no per-request allocation or host↔device transfer. On CU
 to its size class (powers of two up to the largest batch), so the few shapes the GPU ever sees are
 the ones ``warm_up`` ran before the model went live; outputs are cut back to the real sample count.
 
+On a CPU the model runs in onnxruntime by default (``cloud_hub.inference.cpu_runtime``: the same
+network exported in memory, accepted only if its probabilities match PyTorch's), with PyTorch as the
+fallback and as an explicit choice (``cpu_runtime="torch"``).
+
 Loading also runs one forward pass on the checkpoint's declared input shape, so a checkpoint whose
 weights or metadata do not fit its network is refused at push time, not at the first escalation.
 Only torch and numpy are imported here; checkpoints (which need pydantic) load inside ``load_model``.
@@ -25,8 +29,12 @@ import numpy as np
 import torch
 
 from cloud_hub.errors import InvalidInput, NotFound
+from cloud_hub.inference.cpu_runtime import OrtRunner, RuntimeUnavailable
+from cloud_hub.inference.cpu_runtime import cpu_threads as cpu_threads_for
 
-__all__ = ["BadTensor", "UnknownTask", "ModelSpec", "LoadedModel", "load_model", "size_classes"]
+__all__ = ["BadTensor", "UnknownTask", "ModelSpec", "LoadedModel", "load_model", "size_classes", "CPU_RUNTIMES"]
+
+CPU_RUNTIMES = ("onnxruntime", "torch")
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,11 @@ class LoadedModel:
         meta: Any = None,
         *,
         cuda_graphs: bool = True,
+        cpu_runtime: str = "torch",
+        cpu_threads: int = 0,
     ) -> None:
+        if cpu_runtime not in CPU_RUNTIMES:
+            raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, got {cpu_runtime!r}")
         self.spec = spec
         self.meta = meta
         self.device = torch.device(device)
@@ -100,6 +112,19 @@ class LoadedModel:
         self._use_graphs = cuda_graphs and self._cuda
         # size class -> (graph, its static input, its static output); inputs live in their own buffer
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._ort: OrtRunner | None = None
+        if not self._cuda and cpu_runtime == "onnxruntime":
+            try:
+                self._ort = OrtRunner.from_module(self._net, spec.input_chw, cpu_threads_for(cpu_threads))
+            except RuntimeUnavailable as exc:
+                log.warning("model %s runs in PyTorch on the CPU: %s", self._ref, exc)
+
+    @property
+    def runtime(self) -> str:
+        """What computes a batch: onnxruntime, torch, or torch+cuda-graphs."""
+        if self._ort is not None:
+            return "onnxruntime"
+        return "torch+cuda-graphs" if self._graphs else "torch"
 
     def check_input(self, tensor: np.ndarray) -> np.ndarray:
         """Return ``tensor`` as contiguous N×C×H×W float32, or raise BadTensor saying what is wrong."""
@@ -152,6 +177,8 @@ class LoadedModel:
                 out.copy_(probs, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
                 return out[:n].numpy().copy()
+            if self._ort is not None:
+                return self._ort.run(host_np[:n])
             x = torch.from_numpy(host_np[:n])
             return torch.softmax(self._net(x).float(), dim=1).numpy()
 
@@ -232,8 +259,12 @@ class LoadedModel:
         return f"{self.spec.name}:{self.spec.version}"
 
 
-def load_model(source: Path | bytes, device: str = "cpu") -> LoadedModel:
-    """Load a cloud checkpoint onto ``device`` and probe it; raise InvalidInput naming the problem."""
+def load_model(
+    source: Path | bytes, device: str = "cpu", *, cpu_runtime: str = "onnxruntime", cpu_threads: int = 0
+) -> LoadedModel:
+    """Load a cloud checkpoint onto ``device`` and probe it; raise InvalidInput naming the problem.
+    On a CPU, ``cpu_runtime`` picks onnxruntime (PyTorch if the export does not match) or torch,
+    ``cpu_threads`` its threads (0: half the usable cores)."""
     from shared.models import CheckpointError, load_checkpoint  # needs pydantic; the batcher alone does not
 
     try:
@@ -254,7 +285,7 @@ def load_model(source: Path | bytes, device: str = "cpu") -> LoadedModel:
         labels=tuple(meta.labels),
         input_chw=(meta.input.channels, meta.input.height, meta.input.width),
     )
-    model = LoadedModel(ckpt.model, spec, device, meta)
+    model = LoadedModel(ckpt.model, spec, device, meta, cpu_runtime=cpu_runtime, cpu_threads=cpu_threads)
     c, h, w = spec.input_chw
     try:
         probs = model.predict(np.zeros((1, c, h, w), dtype=np.float32))

@@ -58,6 +58,8 @@ class InferenceService:
         max_queue_delay_ms: float = 2.0,
         request_deadline_ms: float | None = None,
         warmup_batches: int = 2,
+        cpu_runtime: str = "onnxruntime",
+        cpu_threads: int = 0,
     ) -> None:
         if warmup_batches < 0:
             raise ValueError(f"warmup_batches must be >= 0, got {warmup_batches}")
@@ -65,6 +67,8 @@ class InferenceService:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.warmup_batches = warmup_batches
+        self.cpu_runtime = cpu_runtime
+        self.cpu_threads = cpu_threads
         self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}
         self._models_lock = threading.Lock()
@@ -85,7 +89,9 @@ class InferenceService:
     # --- models ----------------------------------------------------------------------------
     def load(self, source: Path | bytes) -> ModelSpec:
         """Load a cloud checkpoint, warm it, make it the active model for its task (raises InvalidInput)."""
-        return self.activate(load_model(source, self.device))
+        return self.activate(
+            load_model(source, self.device, cpu_runtime=self.cpu_runtime, cpu_threads=self.cpu_threads)
+        )
 
     def activate(self, model: LoadedModel) -> ModelSpec:
         """Warm ``model`` on every batch size class, then make it the active model for its task."""
@@ -99,11 +105,12 @@ class InferenceService:
             self._metrics.models_loaded.set(count)
         old = f" (was {previous.spec.name}:{previous.spec.version})" if previous else ""
         log.info(
-            "cloud model %s:%s active for task %r on %s after %d warm-up batches in %.2f s%s",
+            "cloud model %s:%s active for task %r on %s (%s) after %d warm-up batches in %.2f s%s",
             model.spec.name,
             model.spec.version,
             model.spec.task,
             self.device,
+            model.runtime,
             batches,
             time.perf_counter() - t0,
             old,

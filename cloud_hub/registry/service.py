@@ -160,7 +160,7 @@ class RegistryService:
         lineage = _merge_lineage({}, lineage)
         if not data:
             raise InvalidInput("checkpoint refused: the request body is empty", kind="bad_checkpoint")
-        loaded = load_model(data, "cpu")
+        loaded = load_model(data, "cpu", cpu_runtime="torch")  # only probed here
         spec, meta = loaded.spec, loaded.meta
         return self._register(
             name=spec.name,

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import resource
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -78,112 +78,145 @@ class _Outcome:
     answered_in_window: int = 0
     max_lag_ms: float = 0.0
     publish_failures: int = 0
+    cpu_s: float = 0.0  # this generator's CPU seconds from its start signal to the end of its drain
 
 
 def _generator(share: _Share, conn: Connection) -> None:
-    """One load-generator process: connect agents, report, wait for the start time, offer load."""
+    """One load-generator process: connect agents, report, wait for the start time, offer load.
+
+    All of its agents run in this one thread (``MqttClient.open_unthreaded``): one selector over their
+    sockets, publishes written at once. A thread per agent would spend the generator's CPU on
+    switching between hundreds of threads, CPU the hub shares on a small machine.
+    """
     raise_open_files_limit()
+    import selectors
+
     from shared import topics
     from shared.messages import EscalationRequest, decode_answer, encode_request
     from shared.mqtt import Message, MqttClient, MqttError
 
-    lock = threading.Lock()
     sent_at: dict[bytes, float] = {}
     answered: set[bytes] = set()
     out = _Outcome(share.index, len(share.device_ids), 0, 0)
     window_end = [math.inf]
+    raw_answers: list[bytes] = []  # decoded after the drain: the generator spends its CPU on sending
 
     def on_answer(msg: Message) -> None:
         now = time.time()
         corr = msg.correlation_data or b""
-        with lock:
-            t0 = sent_at.get(corr)
-            if t0 is None:
-                return
-            if corr in answered:
-                out.duplicates += 1
-                return
-            answered.add(corr)
-            out.answered += 1
-            out.last_answer = max(out.last_answer, now)
-            out.latencies_ms.append((now - t0) * 1000.0)
-            if now <= window_end[0]:
-                out.answered_in_window += 1
-        try:
-            answer, _ = decode_answer(msg.payload)
-        except ValueError:
-            with lock:
-                out.errors["undecodable_answer"] = out.errors.get("undecodable_answer", 0) + 1
+        t0 = sent_at.get(corr)
+        if t0 is None:
             return
-        with lock:
-            if answer.ok:
-                out.ok += 1
-            else:
-                kind = answer.error_kind or "error"
-                out.errors[kind] = out.errors.get(kind, 0) + 1
+        if corr in answered:
+            out.duplicates += 1
+            return
+        answered.add(corr)
+        out.answered += 1
+        out.last_answer = max(out.last_answer, now)
+        out.latencies_ms.append((now - t0) * 1000.0)
+        if now <= window_end[0]:
+            out.answered_in_window += 1
+        raw_answers.append(msg.payload)
 
+    sel = selectors.DefaultSelector()
     clients: list[MqttClient] = []
+    lost: set[int] = set()
+    last_tick = [time.monotonic()]
+
+    def pump(timeout: float) -> None:
+        for key, _ in sel.select(timeout):
+            client: MqttClient = key.data
+            if not client.pump():
+                lost.add(id(client))
+                sel.unregister(key.fileobj)
+        if time.monotonic() - last_tick[0] > 5.0:
+            last_tick[0] = time.monotonic()
+            for c in clients:
+                if id(c) not in lost:
+                    c.tick()
+
+    def wait(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            pump(left)
+
     for device_id in share.device_ids:
         c = MqttClient(share.broker_url, f"p5-{device_id}", keepalive=60)
         c.subscribe(topics.answer(device_id), on_answer, qos=1)
         clients.append(c)
     try:
         for c in clients:
-            c.start(wait=None)
+            try:
+                sel.register(c.open_unthreaded(), selectors.EVENT_READ, c)
+            except MqttError:
+                lost.add(id(c))
         deadline = time.monotonic() + share.connect_timeout_s
         while time.monotonic() < deadline and not all(c.connected for c in clients):
-            time.sleep(0.05)
-        time.sleep(0.5)  # answer subscriptions acknowledged
+            pump(0.05)
+        wait(0.5)  # answer subscriptions acknowledged
         out.connected_at_start = sum(c.connected for c in clients)
-        conn.send(("ready", out.connected_at_start))
-        start_at: float = conn.recv()
-        while time.time() < start_at:
-            time.sleep(0.001)
-
+        # Every escalation is encoded before the start (a fresh request id each), so the timed loop
+        # only publishes: the generators' CPU goes to the MQTT traffic, not to building messages.
         x = np.random.default_rng(share.index).standard_normal((1, 1, SIDE, SIDE)).astype(np.float32)
         interval = 1.0 / share.rate
         n_total = int(share.rate * share.duration_s)
+        prepared = []
+        for i in range(n_total):
+            device_id = share.device_ids[i % len(clients)]
+            rid = uuid.uuid4().hex
+            prepared.append((rid.encode(), topics.escalate(device_id), topics.answer(device_id),
+                             encode_request(EscalationRequest(request_id=rid, device_id=device_id, task=TASK), x)))
+        conn.send(("ready", out.connected_at_start))
+        while not conn.poll(0):
+            pump(0.01)  # keep answering the broker (pings) while the others connect
+        start_at: float = conn.recv()
+        wait(start_at - time.time())
         window_end[0] = start_at + share.duration_s
         out.first_send = time.time()
+        cpu0 = time.process_time()
         for i in range(n_total):
             due = start_at + i * interval
             now = time.time()
             if due > now:
-                time.sleep(due - now)
+                wait(due - now)
             else:
                 out.max_lag_ms = max(out.max_lag_ms, (now - due) * 1000.0)
-            k = i % len(clients)
-            device_id, client = share.device_ids[k], clients[k]
-            rid = uuid.uuid4().hex
-            payload = encode_request(EscalationRequest(request_id=rid, device_id=device_id, task=TASK), x)
-            corr = rid.encode()
-            with lock:
-                sent_at[corr] = time.time()
+                pump(0)
+            corr, topic, answer_topic, payload = prepared[i]
+            sent_at[corr] = time.time()
             try:
-                client.publish(topics.escalate(device_id), payload, qos=1,
-                               response_topic=topics.answer(device_id), correlation_data=corr)
+                clients[i % len(clients)].publish(topic, payload, qos=1, response_topic=answer_topic,
+                                                  correlation_data=corr)
                 out.sent += 1
             except MqttError:
-                with lock:
-                    del sent_at[corr]
+                del sent_at[corr]
                 out.publish_failures += 1
         out.last_send = time.time()
         drain_until = time.monotonic() + share.drain_s
-        while time.monotonic() < drain_until:
-            with lock:
-                if out.answered >= out.sent:
-                    break
-            time.sleep(0.05)
-        time.sleep(0.3)  # a duplicate would arrive by now
-        out.connected_at_end = sum(c.connected for c in clients)
+        while time.monotonic() < drain_until and out.answered < out.sent:
+            pump(0.05)
+        wait(0.3)  # a duplicate would arrive by now
+        out.cpu_s = time.process_time() - cpu0
+        for payload in raw_answers:
+            try:
+                answer, _ = decode_answer(payload)
+            except ValueError:
+                out.errors["undecodable_answer"] = out.errors.get("undecodable_answer", 0) + 1
+                continue
+            if answer.ok:
+                out.ok += 1
+            else:
+                kind = answer.error_kind or "error"
+                out.errors[kind] = out.errors.get(kind, 0) + 1
+        out.connected_at_end = sum(c.connected and id(c) not in lost for c in clients)
     finally:
         for c in clients:
             try:
                 c.stop()
             except Exception:  # noqa: BLE001 - stopping the rest matters more
                 pass
-    with lock:
-        conn.send(("done", out))
+        sel.close()
+    conn.send(("done", out))
 
 
 def run_p5(
@@ -217,9 +250,14 @@ def run_p5(
             with stack.client() as client:
                 client.push_checkpoint(tiny_cloud_checkpoint(root / "p5.pt", TASK, SIDE))
             stack.wait_hub_ready()
+            assert stack.hub is not None and broker.process is not None
+            pids = {"hub": stack.hub.pid, "broker": broker.process.pid}
+            before = {k: _cpu_seconds(pid) for k, pid in pids.items()}
             outcomes = _drive(broker.url, agents, rate, duration_s, drain_s, procs_n)
+            cpu = {k: round(_cpu_seconds(pid) - before[k], 2) for k, pid in pids.items()}
+            cpu["load_generators"] = round(sum(o.cpu_s for o in outcomes), 2)
             hub_metrics = _hub_counters(stack.hub_url)
-    _report(result, outcomes, agents, rate, duration_s, hub_metrics)
+    _report(result, outcomes, agents, rate, duration_s, hub_metrics, cpu)
     return result
 
 
@@ -262,6 +300,15 @@ def _drive(broker_url: str, agents: int, rate: float, duration_s: float, drain_s
                 p.join(5)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), children not included."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _hub_counters(hub_url: str) -> dict[str, float]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -280,6 +327,11 @@ def _hub_counters(hub_url: str) -> dict[str, float]:
                     if "kind" in s.labels:
                         key = f"{family.name}:{s.labels['kind']}"
                         out[key] = out.get(key, 0.0) + s.value
+        if family.name in ("edgefed_hub_inference_latency_seconds", "edgefed_hub_queue_delay_seconds"):
+            for s in family.samples:
+                if s.name.endswith(("_sum", "_count")):
+                    key = family.name.removeprefix("edgefed_hub_") + s.name[len(family.name):]
+                    out[key] = out.get(key, 0.0) + s.value
         if family.name == "edgefed_hub_batch_size":
             for s in family.samples:
                 if s.name.endswith("_sum"):
@@ -289,8 +341,13 @@ def _hub_counters(hub_url: str) -> dict[str, float]:
     return out
 
 
+def _mean_ms(hub: dict[str, float], histogram: str) -> float | None:
+    count = hub.get(f"{histogram}_count")
+    return round(1000.0 * hub[f"{histogram}_sum"] / count, 3) if count else None
+
+
 def _report(result: BenchResult, outcomes: list[_Outcome], agents: int, rate: float, duration_s: float,
-            hub: dict[str, float]) -> None:
+            hub: dict[str, float], cpu: dict[str, float]) -> None:
     sent = sum(o.sent for o in outcomes)
     answered = sum(o.answered for o in outcomes)
     lost = sent - answered
@@ -327,6 +384,11 @@ def _report(result: BenchResult, outcomes: list[_Outcome], agents: int, rate: fl
         "generator_max_lag_ms": round(max(o.max_lag_ms for o in outcomes), 1),
         "hub_counters": hub,
         "hub_mean_batch_size": round(hub.get("batch_size_sum", 0.0) / batches, 2) if batches else None,
+        "hub_mean_model_ms_per_batch": _mean_ms(hub, "inference_latency_seconds"),
+        "hub_mean_queue_delay_ms": _mean_ms(hub, "queue_delay_seconds"),
+        # CPU seconds each part used during the run (load, then drain): where this machine's 2 cores went.
+        "cpu_seconds": cpu,
+        "cpu_ms_per_escalation": {k: round(1000 * v / max(1, answered), 3) for k, v in cpu.items()},
         "per_generator": [
             {"agents": o.agents, "connected": o.connected_at_start, "sent": o.sent, "answered": o.answered}
             for o in outcomes
