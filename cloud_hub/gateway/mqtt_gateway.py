@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from functools import partial
 from typing import TypeVar
 
@@ -190,13 +189,11 @@ class MqttGateway:
         # once), deadline_exceeded (waited past the hub's request deadline, never computed),
         # inference_failed, unknown_task, bad_shape/bad_dtype (cloud_hub.inference.batcher).
         try:
-            future = self._inference.submit(req.task, tensor)
+            self._inference.submit_callback(
+                req.task, tensor, partial(self._on_done, req, response_topic, corr, received, msg.payload)
+            )
         except HubServiceError as exc:
             self._refuse(response_topic, corr, req.request_id, exc.kind, str(exc), msg.topic, req=req)
-            return
-        future.add_done_callback(
-            partial(self._on_done, req, response_topic, corr, received=received, payload=msg.payload)
-        )
 
     @staticmethod
     def _decode(payload: bytes, device_id: str) -> tuple[EscalationRequest, np.ndarray]:
@@ -218,38 +215,35 @@ class MqttGateway:
         req: EscalationRequest,
         response_topic: str,
         corr: bytes,
-        future: Future[Prediction],
-        *,
         received: float,
         payload: bytes,
+        outcome: Prediction | BaseException,
     ) -> None:
         # Runs on the inference thread: carry the escalation's id into its log records there too.
         with request_context(req.request_id):
-            self._answer(req, response_topic, corr, future, received, payload)
+            self._answer(req, response_topic, corr, outcome, received, payload)
 
     def _answer(
         self,
         req: EscalationRequest,
         response_topic: str,
         corr: bytes,
-        future: Future[Prediction],
+        pred: Prediction | BaseException,
         received: float,
         payload: bytes,
     ) -> None:
-        try:
-            pred = future.result()
-        except HubServiceError as exc:
+        if isinstance(pred, HubServiceError):
             self._refuse(
-                response_topic, corr, req.request_id, exc.kind, str(exc), topics.escalate(req.device_id), req=req
+                response_topic, corr, req.request_id, pred.kind, str(pred), topics.escalate(req.device_id), req=req
             )
             return
-        except Exception as exc:  # noqa: BLE001 - reported to the agent and counted, never raised here
+        if isinstance(pred, BaseException):  # reported to the agent and counted, never raised here
             self._refuse(
                 response_topic,
                 corr,
                 req.request_id,
                 "inference_failed",
-                f"inference failed: {exc}",
+                f"inference failed: {pred}",
                 topics.escalate(req.device_id),
                 req=req,
             )

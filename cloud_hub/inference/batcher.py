@@ -71,7 +71,8 @@ class BatchFailed(HubServiceError):
 
 @dataclass(slots=True)
 class _Request(Generic[R]):
-    """One waiting request: a thread-safe Future, or an asyncio future on ``loop`` (``submit_async``)."""
+    """One waiting request: a thread-safe Future, an asyncio future on ``loop`` (``submit_async``), or a
+    callback called with the result or the error (``submit_callback``)."""
 
     key: str
     tensor: np.ndarray
@@ -81,6 +82,7 @@ class _Request(Generic[R]):
     future: Future[R] | None = None
     afuture: asyncio.Future[R] | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    callback: Callable[[Any], None] | None = None
 
     def cancelled(self) -> bool:
         f = self.future if self.future is not None else self.afuture
@@ -153,6 +155,18 @@ class DynamicBatcher(Generic[R]):
         req.future = Future()
         self._enqueue(req)
         return req.future
+
+    def submit_callback(
+        self, key: str, tensor: np.ndarray, callback: Callable[[R | BaseException], None],
+        deadline_ms: float | None = None,
+    ) -> None:
+        """As ``submit``, but ``callback(result_or_error)`` is called on the worker thread when it is
+        settled (an error is passed, not raised), with no Future: the cheapest way for a caller that
+        only reacts to the outcome (the MQTT gateway). The callback must be quick and must not raise.
+        """
+        req = self._request(key, tensor, deadline_ms)
+        req.callback = callback
+        self._enqueue(req)
 
     def submit_async(self, key: str, tensor: np.ndarray, deadline_ms: float | None = None) -> asyncio.Future[R]:
         """As ``submit``, for a caller on a running event loop: the answer is an asyncio future of that loop.
@@ -322,7 +336,12 @@ class DynamicBatcher(Generic[R]):
         for req, outcome in outcomes:
             if isinstance(outcome, BaseException):
                 self._count_error(outcome)
-            if req.future is not None:
+            if req.callback is not None:
+                try:
+                    req.callback(outcome)
+                except Exception:  # a caller's bug must not stop the answers to the rest of the batch
+                    log.exception("result callback failed")
+            elif req.future is not None:
                 try:
                     if isinstance(outcome, BaseException):
                         req.future.set_exception(outcome)

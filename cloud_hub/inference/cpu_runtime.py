@@ -106,7 +106,9 @@ class OrtRunner:
             except Exception as exc:  # noqa: BLE001
                 raise RuntimeUnavailable(f"onnxruntime failed on a batch of {n}: {exc}") from None
             if got.shape != expected.shape:
-                raise RuntimeUnavailable(f"onnxruntime output shape {got.shape} differs from PyTorch's {expected.shape}")
+                raise RuntimeUnavailable(
+                    f"onnxruntime output shape {got.shape} differs from PyTorch's {expected.shape}"
+                )
             diff = float(np.max(np.abs(got - expected)))
             if not diff <= PARITY_ATOL:
                 raise RuntimeUnavailable(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,17 @@ class InferenceService:
         the service's ``request_deadline_ms``) and was therefore not computed.
         """
         return self._batcher.submit(task, self._checked(task, tensor), deadline_ms)
+
+    def submit_callback(
+        self,
+        task: str,
+        tensor: np.ndarray,
+        callback: Callable[[Prediction | BaseException], None],
+        deadline_ms: float | None = None,
+    ) -> None:
+        """As ``submit``, answering ``callback(prediction_or_error)`` on the inference thread instead of
+        through a Future (the MQTT gateway); raises at once as ``submit`` does."""
+        self._batcher.submit_callback(task, self._checked(task, tensor), callback, deadline_ms)
 
     def submit_async(
         self, task: str, tensor: np.ndarray, deadline_ms: float | None = None

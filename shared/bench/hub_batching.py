@@ -23,7 +23,6 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -160,8 +159,8 @@ async def _drive(service: Any, task: str, inputs: Sequence[np.ndarray], concurre
 
 def _drive_callbacks(service: Any, task: str, inputs: Sequence[np.ndarray], concurrency: int, warmup_s: float,
                      duration_s: float) -> dict[str, Any]:
-    """Like the MQTT gateway: one network thread submits, and each done callback (run on the inference
-    thread, where the gateway publishes its answer) hands the submitter its next request."""
+    """Like the MQTT gateway: one network thread submits with ``submit_callback``, and each callback (run
+    on the inference thread, where the gateway publishes its answer) hands the submitter its next request."""
     from cloud_hub.errors import HubServiceError
 
     inbox: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -172,13 +171,12 @@ def _drive_callbacks(service: Any, task: str, inputs: Sequence[np.ndarray], conc
     errors: Counter[str] = Counter()
     window: list[int] = []
 
-    def on_done(i: int, t0: float, n: int, fut: Future[Any]) -> None:
+    def on_done(i: int, t0: float, n: int, outcome: Any) -> None:
         t1 = time.perf_counter()
-        exc = fut.exception()
-        if exc is not None:
-            errors[exc.kind if isinstance(exc, HubServiceError) else type(exc).__name__] += 1
+        if isinstance(outcome, BaseException):
+            errors[outcome.kind if isinstance(outcome, HubServiceError) else type(outcome).__name__] += 1
         else:
-            pred = fut.result()
+            pred = outcome
             if len(pred.label_ids) != n:
                 errors["wrong_row_count"] += 1
             if t_start <= t1 <= t_end:
@@ -200,12 +198,10 @@ def _drive_callbacks(service: Any, task: str, inputs: Sequence[np.ndarray], conc
         x = inputs[k % len(inputs)]
         k += 1
         try:
-            fut = service.submit(task, x)
+            service.submit_callback(task, x, partial(on_done, i, t0, int(x.shape[0])))
         except HubServiceError as exc:
             errors[exc.kind] += 1
             inbox.put(i)
-            continue
-        fut.add_done_callback(partial(on_done, i, t0, int(x.shape[0])))
     return {
         "throughput_rps": round(len(window) / duration_s, 1),
         "completed_in_window": len(window),

@@ -115,6 +115,38 @@ def test_expired_requests_get_an_error_and_are_never_computed(
         b.submit("t", _x(), deadline_ms=0)
 
 
+def test_callback_requests_get_their_result_or_their_error_and_one_bad_callback_harms_no_other(
+    make_batcher: Callable[..., DynamicBatcher[float]],
+) -> None:
+    gate = Gate()
+    b = make_batcher(gate, max_batch_size=8, max_queue_delay_ms=0)
+    first = _block_worker(gate, b)
+    got: dict[str, object] = {}
+    done = threading.Event()
+
+    def record(name: str) -> Callable[[object], None]:
+        def cb(outcome: object) -> None:
+            got[name] = outcome
+            if len(got) == 3:
+                done.set()
+        return cb
+
+    def broken(outcome: object) -> None:
+        raise RuntimeError("caller bug")
+
+    b.submit_callback("t", _x(value=4), broken)  # queued first in the batch: its failure is only logged
+    b.submit_callback("t", _x(value=2), record("ok"))
+    b.submit_callback("t", _x(value=5), record("late"), deadline_ms=30)
+    b.submit_callback("t", _x(value=3), record("ok2"))
+    time.sleep(0.1)
+    gate.release.set()
+    assert first.result(5) == 10.0
+    assert done.wait(5), got
+    assert got["ok"] == 20.0 and got["ok2"] == 30.0
+    assert isinstance(got["late"], DeadlineExceeded)  # passed to the callback, not raised
+    assert all(5.0 not in call for call in gate.calls)
+
+
 def test_a_full_queue_refuses_at_once_and_recovers(make_batcher: Callable[..., DynamicBatcher[float]]) -> None:
     gate = Gate()
     metrics = HubMetrics()
