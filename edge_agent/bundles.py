@@ -23,17 +23,16 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from shared.api_schemas import AssignmentPublic
 from shared.bundle import (
     BundleError,
     SignatureError,
     VerifiedBundle,
-    load_public_key,
+    load_verify_key,
     open_bundle,
     unpack_bundle,
 )
+from shared.bundle.ed25519 import VerifyKey
 from shared.hub_client import HubClient, HubError
 
 __all__ = ["BundleStore", "TrustError", "fetch_assigned", "load_trusted_keys", "parse_public_keys"]
@@ -48,18 +47,19 @@ class TrustError(RuntimeError):
     """No trusted signing key could be established, so no bundle can be verified; the agent cannot start."""
 
 
-def parse_public_keys(pem: bytes, source: str) -> list[Ed25519PublicKey]:
-    """All Ed25519 public keys in a PEM file (one or more concatenated blocks)."""
+def parse_public_keys(pem: bytes, source: str) -> list[VerifyKey]:
+    """All Ed25519 public keys in a PEM file (one or more concatenated blocks), as verify-only keys: the
+    agent checks signatures with the process's own OpenSSL and never imports ``cryptography``."""
     blocks = _PEM_BLOCK.findall(pem)
     if not blocks:
         raise TrustError(f"{source} holds no PEM public key; expected '-----BEGIN PUBLIC KEY-----' blocks")
     try:
-        return [load_public_key(block) for block in blocks]
+        return [load_verify_key(block) for block in blocks]
     except SignatureError as exc:
         raise TrustError(f"{source}: {exc}") from None
 
 
-def load_trusted_keys(trusted_key: Path | None, pinned_path: Path, hub: HubClient) -> list[Ed25519PublicKey]:
+def load_trusted_keys(trusted_key: Path | None, pinned_path: Path, hub: HubClient) -> list[VerifyKey]:
     """The keys bundles must be signed with.
 
     ``trusted_key`` (an operator-provided file) wins; otherwise the keys pinned at ``pinned_path``;
@@ -98,7 +98,7 @@ def load_trusted_keys(trusted_key: Path | None, pinned_path: Path, hub: HubClien
 class BundleStore:
     """Verified bundles under one directory; every read verifies again against ``trusted``."""
 
-    def __init__(self, root: Path, trusted: list[Ed25519PublicKey]) -> None:
+    def __init__(self, root: Path, trusted: list[VerifyKey]) -> None:
         self.root = Path(root)
         self.trusted = trusted
 

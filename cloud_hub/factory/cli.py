@@ -142,17 +142,28 @@ def compress(
             help="Gate: largest allowed accuracy drop FP32 -> INT8, in percentage points.",
         ),
     ] = 1.0,
+    quant_format: Annotated[
+        str,
+        typer.Option(
+            envvar="EDGEFED_QUANT_FORMAT",
+            help="INT8 file format: QOperator (integer operators, smaller file) or QDQ (Q/DQ pairs that "
+            "onnxruntime fuses into the same kernels at load).",
+        ),
+    ] = "QOperator",
     limit: Limit = None,
     seed: Seed = 0,
     cache_dir: CacheDir = None,
 ) -> None:
     """Export the edge model to ONNX, quantize it to INT8, gate on accuracy, write a signed bundle."""
     from cloud_hub.factory.compress import CompressionError, compress_checkpoint
+    from cloud_hub.factory.quantize import QUANT_FORMATS
     from shared.bundle import BundleError, SignatureError
     from shared.models import CheckpointError
 
     if not checkpoint.is_file():
         raise _fail(f"checkpoint {checkpoint} does not exist; train one with `edgefed model train`")
+    if quant_format not in QUANT_FORMATS:
+        raise _fail(f"--quant-format {quant_format!r} is not one of {', '.join(QUANT_FORMATS)}")
     try:
         bundle = compress_checkpoint(
             checkpoint,
@@ -162,6 +173,7 @@ def compress(
             version=version,
             parent_version=parent_version,
             max_drop_pt=max_drop,
+            quant_format=quant_format,  # type: ignore[arg-type]  # checked against QUANT_FORMATS above
             limit=limit,
             seed=seed,
             cache_dir=cache_dir,

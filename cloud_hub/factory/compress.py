@@ -1,9 +1,9 @@
 """Checkpoint -> gated, signed INT8 bundle.
 
-``compress_checkpoint`` exports the network to ONNX FP32, quantizes it statically to INT8 (QDQ)
-with a calibration split, measures both on the holdout split with onnxruntime, refuses the result
-when the accuracy drop exceeds the gate (``AccuracyGateError``; nothing is written), and otherwise
-writes a signed bundle. Exceptions::
+``compress_checkpoint`` exports the network to ONNX FP32, quantizes it statically to INT8 (QOperator
+format by default, QDQ on request) with a calibration split, measures both on the holdout split with
+onnxruntime, refuses the result when the accuracy drop exceeds the gate (``AccuracyGateError``;
+nothing is written), and otherwise writes a signed bundle. Exceptions::
 
     CompressionError
     ├── AccuracyGateError   the INT8 model lost more accuracy than allowed; no bundle written
@@ -108,6 +108,7 @@ def compress_checkpoint(
     per_channel: bool = True,
     reduce_range: bool = True,
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax",
+    quant_format: Literal["QOperator", "QDQ"] = "QOperator",
     cache_dir: Path | None = None,
     limit: int | None = None,
     seed: int = 0,
@@ -119,7 +120,9 @@ def compress_checkpoint(
     The holdout is the test split of the checkpoint's task (``shared.data.task_split`` with
     ``seed``, optionally on a ``limit`` slice: use the same values as for training). Defaults
     (per-channel, ``reduce_range``) were chosen by measurement: without ``reduce_range`` the U8S8
-    kernels of AVX2 CPUs without VNNI saturate and ELPV accuracy fell by 27 pt. ``federation_round``
+    kernels of AVX2 CPUs without VNNI saturate and ELPV accuracy fell by 27 pt. ``quant_format``
+    ``QOperator`` (default) writes the integer operators themselves, a smaller file than ``QDQ``
+    with the same kernels at run time (see ``cloud_hub.factory.quantize``). ``federation_round``
     names the federation run that produced the checkpoint, for the manifest's provenance.
     """
     from shared.models import load_checkpoint
@@ -136,6 +139,7 @@ def compress_checkpoint(
         reduce_range=reduce_range,
         calibrate_method=calibrate_method,
         calibration_size=calibration_size,
+        quant_format=quant_format,
     )
     cal_x, test_x, test_y = _holdout_inputs(meta.task, spec, cache_dir, limit, seed)
 

@@ -1,7 +1,12 @@
-"""PyTorch edge model -> FP32 ONNX -> static INT8 (QDQ) ONNX, calibrated on real inputs.
+"""PyTorch edge model -> FP32 ONNX -> static INT8 ONNX, calibrated on real inputs.
 
-Static QDQ with calibration is the default because onnxruntime's dynamic quantization makes CNNs
-slower on CPU; with QDQ the runtime fuses Q/DQ pairs around Conv/Gemm into integer kernels.
+Static quantization with calibration is the default because onnxruntime's dynamic quantization makes
+CNNs slower on CPU. The default format is ``QOperator``: the file holds the integer operators
+(QLinearConv, QGemm, QLinearGlobalAveragePool, ...) themselves, which is what onnxruntime runs after
+fusing a ``QDQ`` graph anyway (same kernels, same accuracy, same latency), but without one
+DequantizeLinear per weight and per activation on disk: the ELPV edge model is 68.7 KB instead of
+76.7 KB (0.281x FP32 instead of 0.314x). ``QDQ`` stays available (``quant_format``) for runtimes
+that only accept QDQ graphs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "OPSET",
+    "QUANT_FORMATS",
     "QuantSettings",
     "ArrayCalibrationReader",
     "export_onnx",
@@ -27,6 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPSET = 17
+QUANT_FORMATS = ("QOperator", "QDQ")
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class QuantSettings:
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
     calibration_size: int = 256
-    quant_format: Literal["QDQ"] = "QDQ"
+    quant_format: Literal["QOperator", "QDQ"] = "QOperator"
     opset: int = OPSET
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,9 +117,11 @@ def quantize_int8(
     settings: QuantSettings,
     input_name: str = "input",
 ) -> Path:
-    """Static QDQ INT8 quantization of a (pre-processed) FP32 ONNX model."""
+    """Static INT8 quantization of a (pre-processed) FP32 ONNX model, in ``settings.quant_format``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if settings.quant_format not in QUANT_FORMATS:
+        raise ValueError(f"quant_format {settings.quant_format!r} is not one of {', '.join(QUANT_FORMATS)}")
     reader = ArrayCalibrationReader(calibration_inputs[: settings.calibration_size], input_name)
     extra: dict[str, Any] = {}
     if settings.calibrate_method == "Percentile":
@@ -121,7 +130,7 @@ def quantize_int8(
         str(fp32_path),
         str(int8_path),
         reader,
-        quant_format=QuantFormat.QDQ,
+        quant_format=getattr(QuantFormat, settings.quant_format),
         per_channel=settings.per_channel,
         reduce_range=settings.reduce_range,
         activation_type=getattr(QuantType, settings.activation_type),

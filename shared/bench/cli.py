@@ -58,6 +58,10 @@ def edge(
     starts: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_STARTS", min=1, help="P7 agent starts timed.")] = 3,
     skip_install_size: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_SKIP_INSTALL",
                                                     help="P7: do not build an edge-only venv (offline).")] = False,
+    edge_venv: Annotated[Path | None, typer.Option(
+        envvar="EDGEFED_BENCH_EDGE_VENV",
+        help="P7: build the edge-only venv here and keep it; later runs reinstall only the project into it.")]
+    = None,
     swaps: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_SWAPS", min=1, help="P8 model swaps.")] = 3,
     clients: Annotated[int, typer.Option(envvar="EDGEFED_BENCH_CLIENTS", min=1,
                                          help="P7/P8 concurrent HTTP clients.")] = 4,
@@ -81,7 +85,7 @@ def edge(
 
         repo = Path(__file__).resolve().parents[2]
         _finish(run_p7(m, data, repo=repo, skip_install=skip_install_size, starts=starts, requests=requests,
-                       clients=clients), out_dir / f"edge-p7-{task}.json")
+                       clients=clients, edge_venv=edge_venv), out_dir / f"edge-p7-{task}.json")
     if "p8" in wanted:
         from shared.bench.swap import run_p8
 
@@ -200,6 +204,15 @@ def fed(
     lr: Annotated[float, typer.Option(envvar="EDGEFED_BENCH_LR", min=1e-6, help="P6: learning rate (Adam).")] = 1e-3,
     client_eval: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_CLIENT_EVAL",
                                               help="P6: also let regions evaluate each round.")] = False,
+    task_poll_s: Annotated[float | None, typer.Option(envvar="EDGEFED_BENCH_TASK_POLL_S", min=0.01, max=60.0,
+                                                      help="P6: SuperExec task poll (default 0.2 s; Flower's "
+                                                           "own default 1 s).")] = None,
+    reply_poll_s: Annotated[float | None, typer.Option(envvar="EDGEFED_BENCH_REPLY_POLL_S", min=0.01, max=10.0,
+                                                       help="P6: ServerApp reply poll (default 0.2 s; Flower's "
+                                                            "own loop 3 s).")] = None,
+    trainer: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_TRAINER",
+                                          help="P6: a long-lived trainer process per SuperNode (--no-trainer: "
+                                               "train inside each ClientApp process).")] = True,
     models: Annotated[Path | None, typer.Option(
         envvar="EDGEFED_BENCH_P9_MODELS",
         help="P9: reference models directory (cloud.pt, edge.pt, bundle/, signing.key; trained there if absent or "
@@ -232,7 +245,8 @@ def fed(
 
         out = out_dir / "fed-p6.json"
         _finish(run_p6(rounds=rounds, limit=limit, strategies=names, regions=regions, alpha=alpha,
-                       local_epochs=local_epochs, lr=lr, client_eval=client_eval, plot_path=out.with_suffix(".png")),
+                       local_epochs=local_epochs, lr=lr, client_eval=client_eval, plot_path=out.with_suffix(".png"),
+                       task_poll_s=task_poll_s, reply_poll_s=reply_poll_s, trainers=trainer),
                 out)
     if "p9" in wanted:
         from shared.bench.loop import run_p9

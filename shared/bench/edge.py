@@ -5,14 +5,19 @@ intra-op thread, sequential, full graph optimisation, no CPU arena, no spinning)
 interleaved — one INT8 run, one FP32 run, one PyTorch run, over and over on real test inputs — so
 that other load on the box hits all of them alike. Accuracy is on the bundle's whole test split.
 
-A sweep of session options for both ONNX models then says which settings are fastest here.
+A sweep of session options for both ONNX models then says which settings are fastest here, and an
+onnxruntime profile of each (agent session options) gives the median time per node of the optimised
+graph, so that a latency ratio can be traced to the kernels that make it.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ import numpy as np
 from shared.bench.common import BenchResult, Target, summarize
 from shared.bench.models import BenchModels, EvalData
 
-__all__ = ["SessionConfig", "AGENT_CONFIG", "make_session", "run_p1"]
+__all__ = ["SessionConfig", "AGENT_CONFIG", "make_session", "op_profile", "run_p1"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class SessionConfig:
 AGENT_CONFIG = SessionConfig()
 
 
-def make_session(path: Path, cfg: SessionConfig) -> Any:
+def make_session(path: Path, cfg: SessionConfig, profile_prefix: str | None = None) -> Any:
     import onnxruntime as ort
 
     levels = {
@@ -61,7 +66,39 @@ def make_session(path: Path, cfg: SessionConfig) -> Any:
     opts.enable_cpu_mem_arena = cfg.arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spinning else "0")
     opts.log_severity_level = 3
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def op_profile(path: Path, inputs: np.ndarray, runs: int, tmp: Path) -> list[dict[str, Any]]:
+    """onnxruntime's own per-node kernel times (µs, median over ``runs`` batch-1 runs) of the optimised
+    graph with the agent's session options, slowest first: which kernels a QDQ/QOperator model was fused
+    into and where the time goes."""
+    session = make_session(path, AGENT_CONFIG, profile_prefix=str(tmp / f"profile-{Path(path).stem}"))
+    name = session.get_inputs()[0].name
+    for i in range(runs):
+        session.run(None, {name: np.ascontiguousarray(inputs[i % len(inputs)][None])})
+    trace = session.end_profiling()
+    try:
+        events = json.loads(Path(trace).read_text())
+    finally:
+        os.remove(trace)
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            times[(ev["name"].removesuffix("_kernel_time"), ev["args"].get("op_name", "?"))].append(ev["dur"])
+    rows = [{"node": node, "op": op, "median_us": float(np.median(d)), "calls": len(d)}
+            for (node, op), d in times.items()]
+    return sorted(rows, key=lambda r: -r["median_us"])
+
+
+def _by_op(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for r in rows:
+        out[r["op"]] += r["median_us"]
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def _logits(session: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -135,7 +172,7 @@ def run_p1(
         "sweep_runs": sweep_runs, "session": AGENT_CONFIG.label, "torch_threads": torch_threads,
         "test_items": int(len(data.test_y)), "split_seed": data.seed, "limit": data.limit,
         "fp32": "the edge checkpoint exported to ONNX (opset of the factory), not quantized",
-        "int8": "the bundle's model.onnx (static QDQ, as shipped)",
+        "int8": "the bundle's model.onnx (static INT8 as shipped; format in 'quantization')",
         "torch": "cloud checkpoint, eager, torch.inference_mode, batch 1",
     })
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-p1-") as tmp:
@@ -165,6 +202,7 @@ def run_p1(
         runners["torch_cloud_fp32"] = (torch_runner, cloud_x)
         times = _interleaved_ms(runners, runs, warmup)
         sweep = _sweep(paths, data.test_x, sweep_runs, max(10, warmup // 5))
+        profiles = {k: op_profile(p, data.test_x, max(50, runs // 2), Path(tmp)) for k, p in paths.items()}
 
     lat = {k: summarize(v) for k, v in times.items()}
     size_ratio = sizes["int8"] / sizes["fp32"]
@@ -185,6 +223,8 @@ def run_p1(
         },
         "quantization": (manifest.provenance.compression if manifest.provenance else {}),
         "session_sweep": sweep,
+        "op_profile_us": {k: {"total": round(sum(r["median_us"] for r in rows), 1), "by_op": _by_op(rows),
+                              "nodes": rows} for k, rows in profiles.items()},
         "best_int8_session": {"config": best["config"], "int8_p50_ms": best["int8"]["p50"],
                               "int8_over_fp32_p50": best["int8_over_fp32_p50"]},
     }

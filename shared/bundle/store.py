@@ -16,12 +16,17 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
 from shared.bundle.manifest import Manifest
 from shared.bundle.signing import SignatureError, sign_manifest, verify_manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.bundle.signing import PublicKey
 
 __all__ = [
     "MANIFEST_FILE",
@@ -89,7 +94,7 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path} is not a valid manifest: {loc}: {err['msg']}") from None
 
 
-def open_bundle(bundle_dir: Path, trusted: list[Ed25519PublicKey]) -> VerifiedBundle:
+def open_bundle(bundle_dir: Path, trusted: list[PublicKey]) -> VerifiedBundle:
     """Verify a bundle directory: manifest, model hash and signature."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)

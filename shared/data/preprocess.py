@@ -1,6 +1,8 @@
 """Raw images to model input, exactly as the factory and the edge agent both see them.
 
-numpy and Pillow only: the edge agent imports this module and must not need torch. Training,
+numpy and Pillow only: the edge agent imports this module and must not need torch. Pillow is
+imported by the functions that decode or resize images (an agent fed only tensor frames never loads
+it, ~2 MiB resident). Training,
 calibration and edge inference all go through ``resize_images`` (Pillow bilinear on uint8) and
 ``to_model_input``, so a 300×300 cell image at the edge becomes the same tensor that the model was
 trained and calibrated on.
@@ -12,7 +14,6 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from shared.bundle.manifest import InputSpec
 
@@ -51,6 +52,8 @@ def resize_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"resize_images expects uint8 images, got {arr.dtype}")
     if arr.shape[1:3] == (height, width):
         return arr
+    from PIL import Image
+
     out = np.empty((arr.shape[0], height, width, *arr.shape[3:]), dtype=np.uint8)
     for i, img in enumerate(arr):
         out[i] = np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
@@ -97,6 +100,8 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     mode = {1: "L", 3: "RGB"}.get(spec.channels)
     if mode is None:
         raise ValueError(f"input spec with {spec.channels} channels is not supported for image decoding")
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between its own limit and twice it; we decide ourselves below.

@@ -38,6 +38,14 @@ def test_p1_ratios_come_from_measured_sizes_latencies_and_accuracies(tiny, tmp_p
         assert m["latency_ms"][k]["n"] == 20 and 0 < m["latency_ms"][k]["p50"] <= m["latency_ms"][k]["p90"]
     assert 0 <= m["accuracy"]["int8"] <= 1 and 0 <= m["accuracy"]["fp32"] <= 1
     assert len(m["session_sweep"]) == len(sweep_configs())
+    # The profile is of the optimised graphs: the factory's INT8 model runs integer conv kernels, the FP32
+    # one float convs, and the per-op totals add up to the per-node times.
+    prof = m["op_profile_us"]
+    assert "QLinearConv" in prof["int8"]["by_op"] and "Conv" not in prof["int8"]["by_op"]
+    assert "Conv" in prof["fp32"]["by_op"] and "QLinearConv" not in prof["fp32"]["by_op"]
+    for k in ("int8", "fp32"):
+        assert prof[k]["total"] == pytest.approx(sum(prof[k]["by_op"].values()), abs=0.5)
+        assert all(n["calls"] >= 50 and n["median_us"] >= 0 for n in prof[k]["nodes"])
     assert {t["what"] for t in data["targets"]} >= {"INT8/FP32 size", "accuracy drop INT8 vs FP32"}
     assert data["machine"]["cpu_flags"] and data["versions"]["onnxruntime"]
 

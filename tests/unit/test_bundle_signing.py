@@ -13,6 +13,7 @@ from shared.bundle import (
     BundleError,
     InputSpec,
     Manifest,
+    SignatureError,
     canonical_bytes,
     generate_keypair,
     load_public_key,
@@ -115,3 +116,66 @@ def test_archive_with_path_traversal_refused(tmp_path: Path) -> None:
 def test_garbage_archive_refused(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(BundleError, match="not a readable tar.gz"):
         unpack_bundle(data, tmp_path / "u")
+
+
+def test_verify_key_agrees_with_cryptography(keys, tmp_path: Path) -> None:
+    import os
+
+    from shared.bundle import key_id, load_verify_key, sign_manifest, verify_manifest
+    from shared.bundle.ed25519 import InvalidSignature, openssl_available
+
+    key, pub = keys
+    light = load_verify_key(tmp_path / "k.pub")
+    assert openssl_available()  # CPython's own libcrypto does the check here
+    assert key_id(light) == key_id(pub)
+    for n in (0, 1, 63, 1000):
+        msg = os.urandom(n)
+        sig = key.sign(msg)
+        light.verify(sig, msg)
+        for bad_sig, bad_msg in ((bytes([sig[0] ^ 1]) + sig[1:], msg), (sig, msg + b"x"), (sig[:-1], msg)):
+            with pytest.raises(InvalidSignature):
+                light.verify(bad_sig, bad_msg)
+    signed = sign_manifest(_manifest(), key)
+    assert verify_manifest(signed, [light]) is light
+    other = generate_keypair(tmp_path / "o.pem", tmp_path / "o.pub")
+    with pytest.raises(SignatureError, match="does not verify against any trusted key"):
+        verify_manifest(sign_manifest(_manifest(), other), [light])
+
+
+def test_verify_key_without_openssl_falls_back_to_cryptography(keys, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.bundle import ed25519, load_verify_key
+    from shared.bundle.ed25519 import InvalidSignature
+
+    monkeypatch.setattr(ed25519, "_probed", True)
+    monkeypatch.setattr(ed25519, "_openssl", None)  # as on a platform where no libcrypto is found
+    key, _ = keys
+    light = load_verify_key(tmp_path / "k.pub")
+    assert not ed25519.openssl_available()
+    light.verify(key.sign(b"m"), b"m")
+    with pytest.raises(InvalidSignature):
+        light.verify(key.sign(b"m"), b"n")
+
+
+@pytest.mark.parametrize("pem, problem", [
+    (b"hello", "not a single"),
+    (b"-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n", "not a single"),
+    (b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n", "not an Ed25519 key"),
+])
+def test_verify_key_refuses_what_is_not_one_ed25519_pem(pem: bytes, problem: str) -> None:
+    from shared.bundle import load_verify_key
+
+    with pytest.raises(SignatureError, match=problem):
+        load_verify_key(pem)
+
+
+def test_verify_key_refuses_an_rsa_public_key() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from shared.bundle import load_verify_key
+
+    pem = rsa.generate_private_key(65537, 1024).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(SignatureError, match="not an Ed25519 key"):
+        load_verify_key(pem)

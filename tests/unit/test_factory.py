@@ -150,6 +150,52 @@ def test_cli_compress_exits_nonzero_with_one_line_error_on_gate(ref, tmp_path: P
     assert missing.exit_code == 1 and "does not exist" in missing.output
 
 
+def _optimised_ops(model: Path, tmp_path: Path) -> set[str]:
+    """Op types of the graph onnxruntime actually runs (full optimisation, as the agent's session)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / f"opt-{model.parent.name}.onnx")
+    ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+
+def test_default_int8_is_integer_operators_and_qdq_fuses_into_the_same(ref, tmp_path: Path) -> None:  # noqa: ANN001
+    import onnx
+
+    # Default (QOperator): the file holds the integer kernels themselves; only the input is quantized
+    # and only the logits dequantized.
+    m = ref.bundle.manifest
+    assert m.provenance.compression["quant_format"] == "QOperator"
+    file_ops = [n.op_type for n in onnx.load(ref.bundle.model_path).graph.node]
+    assert file_ops.count("QLinearConv") == 4 and "QGemm" in file_ops and "QLinearGlobalAveragePool" in file_ops
+    assert file_ops.count("QuantizeLinear") == 1 and file_ops.count("DequantizeLinear") == 1
+    assert not {"Conv", "Gemm", "GlobalAveragePool"} & set(file_ops)
+    # QDQ on request: float ops wrapped in Q/DQ pairs on disk, fused at load into the same integer kernels.
+    qdq = compress_checkpoint(ref.edge_checkpoint, tmp_path / "qdq", tmp_path / "k.pem", max_drop_pt=100.0,
+                              limit=200, latency_runs=5, quant_format="QDQ")
+    assert qdq.manifest.provenance.compression["quant_format"] == "QDQ"
+    qdq_ops = [n.op_type for n in onnx.load(qdq.model_path).graph.node]
+    assert qdq_ops.count("Conv") == 4 and qdq_ops.count("DequantizeLinear") > 4
+    fused = _optimised_ops(qdq.model_path, tmp_path)
+    assert "QLinearConv" in fused and not {"Conv", "Gemm"} & fused
+    assert _optimised_ops(ref.bundle.model_path, tmp_path) >= {"QLinearConv", "QGemm"}
+    # Same network, same arithmetic: same size class, identical accuracy; the QOperator file is smaller.
+    assert m.model_size_bytes < qdq.manifest.model_size_bytes
+    assert m.metrics.int8_accuracy == pytest.approx(qdq.manifest.metrics.int8_accuracy, abs=0.03)
+
+
+def test_unknown_quant_format_is_refused_naming_the_choices(ref, tmp_path: Path) -> None:  # noqa: ANN001
+    app = typer.Typer()
+    app.command()(compress_cmd)
+    r = CliRunner().invoke(app, ["--signing-key", str(tmp_path / "k.pem"), "--checkpoint", str(ref.edge_checkpoint),
+                                 "--out", str(tmp_path / "b"), "--quant-format", "QInt4"])
+    assert r.exit_code == 1 and "--quant-format 'QInt4' is not one of QOperator, QDQ" in r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_and_data_modules_do_not_import_torch_or_onnxruntime() -> None:
     code = (
         "import sys, cloud_hub.factory.cli, shared.data, shared.data.preprocess;"
