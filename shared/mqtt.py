@@ -69,6 +69,7 @@ class Message:
 Handler = Callable[[Message], None]
 
 _READ_CHUNK = 65536
+_ROUTE_CACHE_SIZE = 65536
 
 
 class _BufferedSocket:
@@ -124,7 +125,8 @@ class _FastPahoClient(paho.Client):
     """paho's client with buffered reads, merged writes and coalesced wake-ups of its network thread.
 
     Overrides private methods of paho-mqtt 2.2 (pinned in pyproject.toml; tests/unit/test_mqtt_fast.py
-    checks they still exist and behave): ``_create_socket``, ``_packet_queue`` and ``loop_write``.
+    checks they still exist and behave): ``_create_socket``, ``_packet_queue``, ``_update_inflight``,
+    ``_messages_reconnect_reset_out`` and ``loop_write``.
     ``_queue_lock`` makes queueing (which may append to the last queued packet) and writing (which
     takes packets off the queue) exclusive.
     """
@@ -133,6 +135,28 @@ class _FastPahoClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._wake_pending = False
         self._queue_lock = threading.RLock()
+        # paho scans every outgoing message on each PUBACK for one waiting to be sent (O(in-flight) per
+        # acknowledgement); only messages held back by the in-flight window wait, so scan only then.
+        self._maybe_held = False
+
+    def publish(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        info = super().publish(*args, **kwargs)
+        held = self._out_messages.get(info.mid)
+        if held is not None and held.state == paho.mqtt_ms_queued:
+            self._maybe_held = True
+        return info
+
+    def _messages_reconnect_reset_out(self) -> None:
+        super()._messages_reconnect_reset_out()
+        self._maybe_held = True
+
+    def _update_inflight(self):  # noqa: ANN202
+        if not self._maybe_held:
+            return paho.MQTT_ERR_SUCCESS
+        with self._out_message_mutex:
+            rc = super()._update_inflight()
+            self._maybe_held = any(m.state == paho.mqtt_ms_queued for m in self._out_messages.values())
+        return rc
 
     def _create_socket(self):  # noqa: ANN202
         sock = super()._create_socket()
@@ -231,6 +255,8 @@ class MqttClient:
         self._unsub_acked: dict[int, bool] = {}
         # Left topics keep their handler (never re-subscribed) for messages still on the way.
         self._unsubscribed: dict[str, tuple[int, Handler]] = {}
+        # topic -> its handlers, so a busy subscriber matches each topic against its patterns once
+        self._routes: dict[str, list[Handler]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait: float | None = 10.0) -> None:
@@ -309,6 +335,7 @@ class MqttClient:
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
             self._unsubscribed.pop(topic, None)
+            self._routes.clear()
         if self.connected:
             self._check(self._client.subscribe(topic, qos=qos)[0], f"subscribe to {topic}")
 
@@ -344,6 +371,7 @@ class MqttClient:
             entry = self._subscriptions.pop(topic, None)
             if entry is not None:  # what the broker sent before it processed the unsubscribe still arrives
                 self._unsubscribed[topic] = entry
+            self._routes.clear()
         if not self.connected:
             return True
         done = threading.Event()
@@ -400,9 +428,14 @@ class MqttClient:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
         )
-        with self._lock:
-            subs = [*self._subscriptions.items(), *self._unsubscribed.items()]
-        handlers = [h for pattern, (_, h) in subs if _matches(pattern, msg.topic)]
+        handlers = self._routes.get(msg.topic)
+        if handlers is None:
+            with self._lock:
+                subs = [*self._subscriptions.items(), *self._unsubscribed.items()]
+                handlers = [h for pattern, (_, h) in subs if _matches(pattern, msg.topic)]
+                if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                    self._routes.clear()
+                self._routes[msg.topic] = handlers
         for handler in handlers:
             try:
                 handler(message)

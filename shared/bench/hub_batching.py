@@ -263,7 +263,8 @@ def run_p4(cfg: P4Config | None = None) -> BenchResult:
         "model": {**weights, "input_chw": list(model.spec.input_chw)},
         "inputs": "random float32 1×C×H×W, one sample per request",
         "clients": {
-            "gateway_like": "one submitting thread; submit_callback, answered on the inference thread (as the MQTT gateway)",
+            "gateway_like": "one submitting thread; submit_callback, answered on the inference thread "
+                            "(as the MQTT gateway)",
             "rest_like": "asyncio coroutines awaiting submit_async (as POST /api/v1/predict), no HTTP",
         },
         "batched": batched,

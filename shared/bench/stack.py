@@ -26,8 +26,9 @@ def edgefed_command(python: Path | None = None) -> list[str]:
     return [str(exe)] if exe.exists() else [str(python or sys.executable), "-c", "from shared.cli import main; main()"]
 
 
-def tiny_cloud_checkpoint(path: Path, task: str, side: int, *, seed: int = 0) -> Path:
-    """A random-weight CloudResNet (width 8) for 1×side×side inputs: transport cost without model cost."""
+def tiny_cloud_checkpoint(path: Path, task: str, side: int, *, seed: int = 0, arch: str = "cloud-resnet") -> Path:
+    """A random-weight cloud network (``arch``, width 8) for 1×side×side inputs: transport cost without
+    much model cost."""
     import torch
 
     from shared.bundle import InputSpec
@@ -36,10 +37,10 @@ def tiny_cloud_checkpoint(path: Path, task: str, side: int, *, seed: int = 0) ->
     torch.manual_seed(seed)
     kwargs = {"in_channels": 1, "num_classes": 2, "width": 8}
     meta = CheckpointMeta(
-        name=f"{task}-cloud", version="1", role="cloud", task=task, arch="cloud-resnet", arch_kwargs=kwargs,
+        name=f"{task}-cloud", version="1", role="cloud", task=task, arch=arch, arch_kwargs=kwargs,
         labels=["a", "b"], input=InputSpec(shape=[1, 1, side, side]), created_at=datetime.now(UTC).isoformat(),
     )
-    save_checkpoint(path, meta, build_model("cloud-resnet", **kwargs).eval())
+    save_checkpoint(path, meta, build_model(arch, **kwargs).eval())
     return path
 
 

@@ -135,3 +135,52 @@ def test_queued_qos1_publishes_share_one_write_and_all_arrive(broker: DevBroker)
     finally:
         pub.stop()
         sub.stop()
+
+
+def test_messages_held_back_by_the_inflight_window_are_all_sent(broker: DevBroker) -> None:
+    """paho holds publishes beyond its in-flight window; they go out as acknowledgements arrive."""
+    sub, got, _, _ = _collect(broker, "fast/window")
+    pub = MqttClient(broker.url, "pub-window")
+    pub._client.max_inflight_messages_set(2)
+    pub.start()
+    try:
+        for i in range(200):
+            pub.publish("fast/window", str(i).encode(), qos=1)
+        deadline = time.monotonic() + 10.0
+        while len(got) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [int(m.payload) for m in got] == list(range(200))
+        assert not pub._client._maybe_held  # nothing waits any more, so acknowledgements stop scanning
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_routes_follow_subscription_changes(broker: DevBroker) -> None:
+    a: list[bytes] = []
+    b: list[bytes] = []
+    c = MqttClient(broker.url, "router")
+    c.subscribe("route/+", lambda m: a.append(m.payload), qos=1)
+    c.start()
+    pub = MqttClient(broker.url, "route-pub")
+    pub.start()
+    try:
+        time.sleep(0.2)
+        pub.publish("route/x", b"1", qos=1)
+        _wait_for(lambda: a == [b"1"])
+        c.subscribe("route/x", lambda m: b.append(m.payload), qos=1)  # the cached route for route/x is stale now
+        time.sleep(0.3)
+        pub.publish("route/x", b"2", qos=1)
+        # mosquitto may deliver one copy per matching subscription; each copy goes to both handlers
+        _wait_for(lambda: b"2" in b and b"2" in a)
+        assert set(b) == {b"2"}
+    finally:
+        pub.stop()
+        c.stop()
+
+
+def _wait_for(cond, timeout: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cond()
