@@ -36,6 +36,7 @@ __all__ = ["run_p5"]
 
 AGENTS_PER_PROCESS = 250
 TASK = "bench-p5"
+STEADY_AFTER_S = 1.0  # the sustained rate counts answers from this long after the start to the window's end
 SIDE = 16  # 1×16×16 float32 input: ~1 KB escalations, a model that costs little next to the transport
 
 
@@ -76,6 +77,7 @@ class _Outcome:
     last_send: float = 0.0
     last_answer: float = 0.0
     answered_in_window: int = 0
+    answered_steady: int = 0  # answers received from 1 s after the start to the end of the window
     max_lag_ms: float = 0.0
     publish_failures: int = 0
     cpu_s: float = 0.0  # this generator's CPU seconds from its start signal to the end of its drain
@@ -99,6 +101,7 @@ def _generator(share: _Share, conn: Connection) -> None:
     answered: set[bytes] = set()
     out = _Outcome(share.index, len(share.device_ids), 0, 0)
     window_end = [math.inf]
+    steady_from = [math.inf]
     raw_answers: list[bytes] = []  # decoded after the drain: the generator spends its CPU on sending
 
     def on_answer(msg: Message) -> None:
@@ -116,6 +119,8 @@ def _generator(share: _Share, conn: Connection) -> None:
         out.latencies_ms.append((now - t0) * 1000.0)
         if now <= window_end[0]:
             out.answered_in_window += 1
+            if now >= steady_from[0]:
+                out.answered_steady += 1
         raw_answers.append(msg.payload)
 
     sel = selectors.DefaultSelector()
@@ -172,6 +177,7 @@ def _generator(share: _Share, conn: Connection) -> None:
         start_at: float = conn.recv()
         wait(start_at - time.time())
         window_end[0] = start_at + share.duration_s
+        steady_from[0] = start_at + STEADY_AFTER_S
         out.first_send = time.time()
         cpu0 = time.process_time()
         for i in range(n_total):
@@ -359,7 +365,9 @@ def _report(result: BenchResult, outcomes: list[_Outcome], agents: int, rate: fl
     last_answer = max(o.last_answer for o in outcomes)
     offered = sent / max(1e-9, last_send - first)
     in_window = sum(o.answered_in_window for o in outcomes)
-    sustained = in_window / duration_s
+    # Sustained: the answer rate once the pipeline is full (from 1 s in to the end of the offered load).
+    # Counting from 0 s would charge the first round trip's latency to the rate.
+    sustained = sum(o.answered_steady for o in outcomes) / max(1e-9, duration_s - STEADY_AFTER_S)
     overall = answered / max(1e-9, last_answer - first)
     lat = np.concatenate([np.asarray(o.latencies_ms, dtype=np.float64) for o in outcomes])
     errors: dict[str, int] = {}
@@ -378,7 +386,8 @@ def _report(result: BenchResult, outcomes: list[_Outcome], agents: int, rate: fl
         "lost": lost,
         "publish_failures": sum(o.publish_failures for o in outcomes),
         "offered_per_s": round(offered, 1),
-        "answered_within_window_per_s": round(sustained, 1),
+        "answered_per_s_sustained": round(sustained, 1),
+        "answered_within_window_per_s": round(in_window / duration_s, 1),
         "answered_per_s_including_drain": round(overall, 1),
         "drain_after_last_send_s": round(max(0.0, last_answer - last_send), 3),
         "round_trip_ms": summarize(lat),
@@ -398,7 +407,8 @@ def _report(result: BenchResult, outcomes: list[_Outcome], agents: int, rate: fl
     result.targets = [
         Target("P5", "connected agents", connected_start, 1000, ">=", note=f"still connected at end: {connected_end}"),
         Target("P5", "escalations answered per second, sustained", sustained, 1000, ">=", "/s",
-               note=f"offered {offered:.0f}/s over {duration_s:.0f} s; answers counted inside the window"),
+               note=f"offered {offered:.0f}/s over {duration_s:.0f} s; answers received from {STEADY_AFTER_S:g} s "
+               "after the start to the end of the offered load"),
         Target("P5", "lost (sent - answered)", lost, 0, "<=", note=f"{sent} sent"),
     ]
     if offered < 0.95 * rate:
