@@ -14,6 +14,7 @@ a packet queued from another thread wakes the network thread, once until it has 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -266,6 +267,20 @@ class MqttClient:
         if wait is not None and not self._connected.wait(wait):
             self.stop()
             raise MqttError(f"no connection to broker {self.address.url} within {wait:.0f} s")
+
+    def input_waiting(self) -> bool:
+        """True when more received bytes wait to be handled (buffered, or readable on the socket): a
+        handler can tell that it is not the last message of a burst."""
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
+        try:
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def open_unthreaded(self) -> socket.socket:
         """Open the connection without a network thread and return its socket: the caller runs many

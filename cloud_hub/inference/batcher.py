@@ -140,6 +140,7 @@ class DynamicBatcher(Generic[R]):
         self._pending: dict[str, deque[_Request[R]]] = {}
         self._samples: dict[str, int] = {}
         self._count = 0
+        self._busy = False  # a batch is running (worker or inline); the worker starts the next after it
         self._running = False
         self._thread: threading.Thread | None = None
         if metrics is not None:  # read at scrape time: nothing to update per request
@@ -158,15 +159,36 @@ class DynamicBatcher(Generic[R]):
 
     def submit_callback(
         self, key: str, tensor: np.ndarray, callback: Callable[[R | BaseException], None],
-        deadline_ms: float | None = None,
+        deadline_ms: float | None = None, *, inline_when_idle: bool = False,
     ) -> None:
         """As ``submit``, but ``callback(result_or_error)`` is called on the worker thread when it is
         settled (an error is passed, not raised), with no Future: the cheapest way for a caller that
         only reacts to the outcome (the MQTT gateway). The callback must be quick and must not raise.
+
+        With ``inline_when_idle``, a request that finds nothing queued and no batch running is run at
+        once on the calling thread (a batch of one, as the worker would run it), sparing the two
+        thread hand-offs that dominate a lone request's latency; under load requests queue and batch.
         """
         req = self._request(key, tensor, deadline_ms)
         req.callback = callback
+        if inline_when_idle and self._run_inline(req):
+            return
         self._enqueue(req)
+
+    def _run_inline(self, req: _Request[R]) -> bool:
+        with self._cond:
+            if not self._running or self._count or self._busy:
+                return False
+            self._busy = True
+        try:
+            self._run_batch(req.key, [req])
+        finally:
+            with self._cond:
+                self._busy = False
+                self._last_batch_requests = 1
+                if self._count:
+                    self._cond.notify()
+        return True
 
     def submit_async(self, key: str, tensor: np.ndarray, deadline_ms: float | None = None) -> asyncio.Future[R]:
         """As ``submit``, for a caller on a running event loop: the answer is an asyncio future of that loop.
@@ -251,17 +273,21 @@ class DynamicBatcher(Generic[R]):
                 return
             key, batch, expired = taken
             now = time.monotonic()
-            self._settle([(req, DeadlineExceeded(
-                f"request waited {1000.0 * (now - req.enqueued):.0f} ms, past its deadline; it was not computed"))
-                for req in expired])
-            if batch:
-                self._run_batch(key, batch)
+            try:
+                self._settle([(req, DeadlineExceeded(
+                    f"request waited {1000.0 * (now - req.enqueued):.0f} ms, past its deadline; it was not computed"))
+                    for req in expired])
+                if batch:
+                    self._run_batch(key, batch)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _take(self) -> tuple[str, list[_Request[R]], list[_Request[R]]] | None:
         """Block until a batch is due; return (key, batch, expired), or None once stopped and empty."""
         with self._cond:
-            while not self._pending:
-                if not self._running:
+            while not self._pending or self._busy:
+                if not self._running and not self._pending:
                     return None
                 self._cond.wait()
             key = min(self._pending, key=lambda k: self._pending[k][0].enqueued)
@@ -301,6 +327,7 @@ class DynamicBatcher(Generic[R]):
                 del self._samples[key]
             if batch:
                 self._last_batch_requests = len(batch)
+            self._busy = True
         return key, batch, expired
 
     def _run_batch(self, key: str, batch: list[_Request[R]]) -> None:

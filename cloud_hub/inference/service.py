@@ -152,10 +152,15 @@ class InferenceService:
         tensor: np.ndarray,
         callback: Callable[[Prediction | BaseException], None],
         deadline_ms: float | None = None,
+        *,
+        inline_when_idle: bool = False,
     ) -> None:
         """As ``submit``, answering ``callback(prediction_or_error)`` on the inference thread instead of
-        through a Future (the MQTT gateway); raises at once as ``submit`` does."""
-        self._batcher.submit_callback(task, self._checked(task, tensor), callback, deadline_ms)
+        through a Future (the MQTT gateway); raises at once as ``submit`` does. ``inline_when_idle``:
+        see ``DynamicBatcher.submit_callback``."""
+        self._batcher.submit_callback(
+            task, self._checked(task, tensor), callback, deadline_ms, inline_when_idle=inline_when_idle
+        )
 
     def submit_async(
         self, task: str, tensor: np.ndarray, deadline_ms: float | None = None

@@ -33,8 +33,18 @@ def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
     """
     if not 0 <= view < DIHEDRAL_VIEWS:
         raise ValueError(f"dihedral view must be between 0 and {DIHEDRAL_VIEWS - 1}, got {view}")
-    x = torch.rot90(x, view % 4, dims=(-2, -1))
+    x = _QUARTER_TURNS[view % 4](x)
     return x.transpose(-2, -1) if view >= 4 else x
+
+
+# torch.rot90(x, k, dims=(-2, -1)) written as flips and transposes (the same permutation of pixels),
+# which every ONNX exporter handles: the hub runs cloud models in onnxruntime on a CPU.
+_QUARTER_TURNS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+    lambda t: t,
+    lambda t: t.flip(-1).transpose(-2, -1),
+    lambda t: t.flip((-2, -1)),
+    lambda t: t.transpose(-2, -1).flip(-1),
+)
 
 
 # TTA view sets: "flips" keeps the cell upright (identity, up-down, left-right, both), which suits
