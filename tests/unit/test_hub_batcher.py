@@ -147,6 +147,25 @@ def test_callback_requests_get_their_result_or_their_error_and_one_bad_callback_
     assert all(5.0 not in call for call in gate.calls)
 
 
+def test_inline_when_idle_runs_on_the_caller_only_when_nothing_else_is_waiting_or_running(
+    make_batcher: Callable[..., DynamicBatcher[float]],
+) -> None:
+    gate = Gate()
+    b = make_batcher(gate, max_batch_size=8, max_queue_delay_ms=0)
+    seen: list[tuple[object, str]] = []
+    b.submit_callback("t", _x(value=2), lambda r: seen.append((r, threading.current_thread().name)),
+                      inline_when_idle=True)
+    assert seen == [(20.0, threading.current_thread().name)]  # answered before submit returned, here
+    first = _block_worker(gate, b)  # a batch is running on the worker now
+    done = threading.Event()
+    b.submit_callback("t", _x(value=3), lambda r: (seen.append((r, threading.current_thread().name)), done.set()),
+                      inline_when_idle=True)
+    assert len(seen) == 1  # not run inline: it waits for the worker
+    gate.release.set()
+    assert first.result(5) == 10.0 and done.wait(5)
+    assert seen[1][0] == 30.0 and seen[1][1] != threading.current_thread().name
+
+
 def test_a_full_queue_refuses_at_once_and_recovers(make_batcher: Callable[..., DynamicBatcher[float]]) -> None:
     gate = Gate()
     metrics = HubMetrics()
