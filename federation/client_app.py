@@ -3,15 +3,25 @@
 The SuperNode's ``--node-config`` says ``region="R" data-dir="DIR"`` (and optionally ``threads=N``,
 torch threads per ClientApp process, default 1). The ServerApp's config record says what to train
 (architecture, task, learning rate, epochs, soft-target weight, FedProx's ``proximal-mu``). Replies
-carry the weights (``arrays``), metrics (``metrics``: ``num-examples``, ``train-loss``,
-``compute-s`` = local training time, ``startup-s`` = time from process start to this handler,
-``setup-s`` = torch import, model and data loading) and
-the region's name (config record ``info``).
+carry the weights (``arrays``), metrics (``metrics``) and the region's name (config record ``info``).
+
+Metrics, besides ``num-examples``/``train-loss`` (or ``accuracy``/``loss``), time where a ClientApp's
+round goes (seconds; ``*-at`` are Unix timestamps, so the ServerApp side can line them up):
+
+- ``sent-at``: when the ServerApp created the message (Flower's ``metadata.created_at``);
+- ``dispatch-s``: from then to this process's start (SuperLink → SuperNode poll, SuperExec poll,
+  process launch);
+- ``startup-s``: process start to this handler (Python, Flower's imports, pulling the message);
+- ``import-s``: torch and edgefed's training modules (imported only here, never at module import);
+- ``model-s``: building the model and loading the global weights;
+- ``data-s``: the region's data (``federation.reference.load_region_data``; learning stores come
+  from a decoded cache when unchanged);
+- ``setup-s`` = import + model + data; ``compute-s``: local training (or evaluation);
+- ``pack-s``: weights back to Flower arrays; ``done-at``: when the reply was ready.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from federation.records import from_record, to_record
+from federation.secure_agg import secagg_mod
 
 __all__ = ["app"]
 
@@ -37,56 +48,47 @@ def _process_age_s() -> float:
         return 0.0
 
 
-def _setup(msg: Message, context: Context) -> tuple[Any, Any, dict[str, Any], str]:
-    import torch
+def _arrival(msg: Message) -> dict[str, float]:
+    """``sent-at``, ``dispatch-s`` and ``startup-s`` for a message whose handler starts now."""
+    now = time.time()
+    age = _process_age_s()
+    sent = float(msg.metadata.created_at)
+    return {"sent-at": sent, "dispatch-s": max(0.0, now - age - sent), "startup-s": age}
 
-    from federation.reference import load_region_data
-    from federation.training import load_arrays
-    from shared.models import build_model
+
+def _work(op: str, msg: Message, context: Context) -> tuple[dict[str, Any] | None, dict[str, float], str]:
+    """Run the task through the SuperNode's trainer (``trainer`` in the node config) or in this process."""
+    from federation.trainer import request, run_task
 
     region = str(context.node_config.get("region", f"node-{context.node_id}"))
     data_dir = context.node_config.get("data-dir")
     if not data_dir:
         raise ValueError(f"SuperNode of region {region!r} has no data-dir in its --node-config")
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
-    cfg = msg.content["config"]
-    kwargs = json.loads(str(cfg["arch-kwargs"]))
-    model = build_model(str(cfg["arch"]), **kwargs)
-    load_arrays(model, from_record(msg.content["arrays"]))
-    chw = tuple(int(v) for v in json.loads(str(cfg["input-chw"])))
-    data, _info = load_region_data(
-        Path(str(data_dir)), task=str(cfg["task"]), num_classes=int(cfg["num-classes"]), input_chw=chw
-    )
-    return model, data, cfg, region
+    cfg = dict(msg.content["config"])
+    arrays = from_record(msg.content["arrays"])
+    trainer = context.node_config.get("trainer")
+    if trainer:
+        out, metrics = request(Path(str(trainer)), op, cfg, arrays)
+    else:
+        out, metrics = run_task(op, cfg, arrays, Path(str(data_dir)),
+                                threads=int(context.node_config.get("threads", 1)))
+    metrics["trainer"] = 1.0 if trainer else 0.0
+    return out, metrics, region
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # SecAgg+ runs only (federation.secure_agg); keep this mod
 def train(msg: Message, context: Context) -> Message:
     """Local fine-tuning from the global weights on the region's cases."""
-    startup = _process_age_s()
-    from federation.training import state_to_arrays, train_local
-
+    metrics: dict[str, float] = _arrival(msg)
+    arrays, work, region = _work("train", msg, context)
+    assert arrays is not None
+    metrics.update(work)
     t0 = time.perf_counter()
-    model, data, cfg, region = _setup(msg, context)
-    setup = time.perf_counter() - t0
-    metrics = train_local(
-        model,
-        data,
-        epochs=int(cfg["local-epochs"]),
-        lr=float(cfg["lr"]),
-        batch_size=int(cfg["batch-size"]),
-        soft_weight=float(cfg["soft-weight"]),
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-        seed=int(cfg.get("seed", 0)) + int(cfg.get("server-round", 0)),
-    )
-    metrics["startup-s"] = startup
-    metrics["setup-s"] = setup
+    record = to_record(arrays)
+    metrics["pack-s"] = metrics.get("pack-s", 0.0) + time.perf_counter() - t0
+    metrics["done-at"] = time.time()
     content = RecordDict(
-        {
-            "arrays": to_record(state_to_arrays(model)),
-            "metrics": MetricRecord(metrics),
-            "info": ConfigRecord({"region": region}),
-        }
+        {"arrays": record, "metrics": MetricRecord(metrics), "info": ConfigRecord({"region": region})}
     )
     return Message(content=content, reply_to=msg)
 
@@ -94,15 +96,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on the region's own labelled cases (accuracy, loss, num-examples)."""
-    startup = _process_age_s()
-    from federation.training import evaluate as evaluate_model
-
-    model, data, _cfg, region = _setup(msg, context)
-    t0 = time.perf_counter()
-    metrics = evaluate_model(model, data)
-    if metrics["num-examples"] == 0:
-        raise ValueError(f"region {region!r} has no labelled cases to evaluate on")
-    metrics["compute-s"] = time.perf_counter() - t0
-    metrics["startup-s"] = startup
+    metrics: dict[str, float] = _arrival(msg)
+    _, work, region = _work("evaluate", msg, context)
+    metrics.update(work)
+    metrics["done-at"] = time.time()
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"region": region})})
     return Message(content=content, reply_to=msg)

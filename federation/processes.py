@@ -5,7 +5,9 @@ lines that ``edgefed fed superlink|supernode`` run (offline: runs never install 
 ``--insecure`` unless TLS files are given). ``FlowerDeployment`` starts one SuperLink and N
 SuperNodes on free loopback ports with their own ``FLWR_HOME`` under one directory, each in its own
 process group (``shared.processes.ManagedProcess``), so that stopping them also stops the SuperExec,
-ServerApp and ClientApp processes they spawned.
+ServerApp and ClientApp processes they spawned; by default each region also gets its long-lived
+trainer (``federation.trainer``). ``flwr_env`` sets Flower's SuperExec task poll
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.2 s instead of Flower's 1 s) and the ServerApp's reply poll.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from shared.processes import ManagedProcess, free_port, wait_for_port
 
 __all__ = [
     "TlsFiles", "FlowerDeployment", "flower_executable", "superlink_argv", "supernode_argv", "node_config",
-    "flwr_env", "descendants", "kill_leftovers", "stop_tree", "alive_pids",
+    "flwr_env", "descendants", "kill_leftovers", "stop_tree", "alive_pids", "DEFAULT_TASK_POLL_S",
 ]
 
 
@@ -82,14 +86,17 @@ def superlink_argv(
     return argv
 
 
-def node_config(region: str, data_dir: Path, threads: int = 1) -> str:
-    """The ``--node-config`` string that tells the ClientApp its region and data directory."""
+def node_config(region: str, data_dir: Path, threads: int = 1, trainer_socket: Path | None = None) -> str:
+    """The ``--node-config`` string that tells the ClientApp its region, data directory and (optionally) the
+    Unix socket of the region's trainer process (``federation.trainer``)."""
     if not region or any(c in region for c in "\"'\\\n"):
         raise ValueError(f"region name {region!r} must be non-empty and free of quotes, backslashes and newlines")
-    d = str(Path(data_dir).resolve())
-    if any(c in d for c in "\"\\\n"):
-        raise ValueError(f"data directory {d!r} must not contain quotes, backslashes or newlines")
-    return f'region="{region}" data-dir="{d}" threads={int(threads)}'
+    paths = [str(Path(data_dir).resolve())] + ([] if trainer_socket is None else [str(trainer_socket)])
+    for d in paths:
+        if any(c in d for c in "\"\\\n"):
+            raise ValueError(f"path {d!r} must not contain quotes, backslashes or newlines")
+    out = f'region="{region}" data-dir="{paths[0]}" threads={int(threads)}'
+    return out if trainer_socket is None else f'{out} trainer="{paths[1]}"'
 
 
 def supernode_argv(
@@ -103,10 +110,11 @@ def supernode_argv(
     auth_private_key: Path | None = None,
     threads: int = 1,
     max_retries: int | None = None,
+    trainer_socket: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one region, connected to ``superlink``; its Runtime API on ``host:port``."""
     argv = [flower_executable("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
-            "--node-config", node_config(region, data_dir, threads)]
+            "--node-config", node_config(region, data_dir, threads, trainer_socket)]
     if root_certificates is not None:
         argv += ["--root-certificates", str(root_certificates)]
     else:
@@ -118,10 +126,27 @@ def supernode_argv(
     return argv
 
 
-def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a Flower process with its own ``FLWR_HOME``."""
+DEFAULT_TASK_POLL_S = 0.2
+"""How often a SuperExec asks its SuperLink/SuperNode for a task to start (Flower's default: 1 s)."""
+
+
+def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None, *, task_poll_s: float | None = None,
+             reply_poll_s: float | None = None) -> dict[str, str]:
+    """The environment for a Flower process with its own ``FLWR_HOME``.
+
+    ``task_poll_s`` sets Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (how soon a SuperExec starts a
+    ServerApp/ClientApp process for a new message; default ``DEFAULT_TASK_POLL_S`` unless the
+    variable is already set); ``reply_poll_s`` sets ``EDGEFED_FED_REPLY_POLL_S`` for the ServerApp
+    (``federation.messaging``).
+    """
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
+    if task_poll_s is not None:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = repr(float(task_poll_s))
+    else:
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", repr(DEFAULT_TASK_POLL_S))
+    if reply_poll_s is not None:
+        env["EDGEFED_FED_REPLY_POLL_S"] = repr(float(reply_poll_s))
     # The SuperLink/SuperNode start flower-superexec, flwr-serverapp and flwr-clientapp by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -136,15 +161,21 @@ class FlowerDeployment:
     """One SuperLink and N SuperNodes on loopback, everything under ``root``.
 
     ``regions`` maps region name to its data directory. ``start()`` waits until the SuperLink
-    listens and every SuperNode process is up; ``stop()`` stops every process group it started.
+    listens, every region's trainer (``trainers=True``, ``federation.trainer``) listens and every
+    SuperNode process is up; ``stop()`` stops every process group it started.
     """
 
     root: Path
     regions: dict[str, Path]
     threads_per_node: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    task_poll_s: float | None = None  # SuperExec task poll (None: DEFAULT_TASK_POLL_S)
+    reply_poll_s: float | None = None  # ServerApp reply poll (None: federation.messaging's default)
+    trainers: bool = True  # a long-lived trainer process per region (the ClientApp then never imports torch)
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
+    trainer_procs: dict[str, ManagedProcess] = field(default_factory=dict)
+    _socket_dirs: list[Path] = field(default_factory=list)
     port: int = 0
 
     @property
@@ -161,10 +192,14 @@ class FlowerDeployment:
         self.port = free_port()
         self.superlink = ManagedProcess(
             "superlink", superlink_argv(port=self.port), self.root / "logs" / "superlink.log",
-            env=flwr_env(self.root / "flwr-home-superlink", self.env),
+            env=flwr_env(self.root / "flwr-home-superlink", self.env, task_poll_s=self.task_poll_s,
+                         reply_poll_s=self.reply_poll_s),
         ).start()
         try:
             wait_for_port("127.0.0.1", self.port, timeout, alive=self.superlink.alive)
+            if self.trainers:  # all at once: each imports torch before it listens
+                for region, data_dir in self.regions.items():
+                    self._start_trainer(region, data_dir)
             for region, data_dir in self.regions.items():
                 self.start_supernode(region, data_dir)
         except BaseException:
@@ -172,26 +207,49 @@ class FlowerDeployment:
             raise
         return self
 
-    def start_supernode(self, region: str, data_dir: Path) -> ManagedProcess:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in region)
+    def _start_trainer(self, region: str, data_dir: Path) -> ManagedProcess:
+        from federation.trainer import trainer_argv
+
+        sock_dir = Path(tempfile.mkdtemp(prefix="edgefed-tr-"))  # short: Unix socket paths have ~100 bytes
+        self._socket_dirs.append(sock_dir)
+        proc = ManagedProcess(
+            f"trainer-{region}", trainer_argv(sock_dir / "trainer.sock", data_dir, threads=self.threads_per_node,
+                                              parent_pid=os.getpid()),
+            self.root / "logs" / f"trainer-{_safe(region)}.log", env={**os.environ, **self.env},
+        ).start()
+        self.trainer_procs[region] = proc
+        return proc
+
+    def start_supernode(self, region: str, data_dir: Path, timeout: float = 180.0) -> ManagedProcess:
+        """Start region ``region``'s SuperNode (after its trainer, when ``trainers``; waits until that listens)."""
+        from federation.trainer import wait_ready
+
+        safe = _safe(region)
+        sock = None
+        if self.trainers:
+            trainer = self.trainer_procs.get(region) or self._start_trainer(region, data_dir)
+            sock = Path(trainer.argv[trainer.argv.index("--socket") + 1])
+            wait_ready(sock, timeout, alive=trainer.alive)
         proc = ManagedProcess(
             f"supernode-{region}",
-            supernode_argv(region, data_dir, superlink=self.address, port=free_port(), threads=self.threads_per_node),
+            supernode_argv(region, data_dir, superlink=self.address, port=free_port(), threads=self.threads_per_node,
+                           trainer_socket=sock),
             self.root / "logs" / f"supernode-{safe}.log",
-            env=flwr_env(self.root / f"flwr-home-{safe}", self.env),
+            env=flwr_env(self.root / f"flwr-home-{safe}", self.env, task_poll_s=self.task_poll_s),
         ).start()
         self.supernodes[region] = proc
         return proc
 
     def process_groups(self) -> list[int]:
         """The process-group ids this deployment started (each leader's pid)."""
-        procs = [self.superlink, *self.supernodes.values()]
+        procs = [self.superlink, *self.supernodes.values(), *self.trainer_procs.values()]
         return [p.pid for p in procs if p is not None and p.proc is not None]
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every process group at once, SIGKILL what is left after ``timeout``, then stop
         any detached descendant (SuperExec and its apps) still alive."""
-        procs = [p for p in [*self.supernodes.values(), self.superlink] if p is not None and p.proc is not None]
+        procs = [p for p in [*self.supernodes.values(), *self.trainer_procs.values(), self.superlink]
+                 if p is not None and p.proc is not None]
         tree = [d for p in procs if p.alive() for d in descendants(p.pid)]
         for p in procs:
             if p.alive():
@@ -203,18 +261,21 @@ class FlowerDeployment:
         for p in procs:
             p.stop(timeout=1.0)  # SIGKILLs the group (and any member left behind by its leader)
         kill_leftovers(tree, timeout=timeout)
+        for d in self._socket_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def all_pids(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process of this deployment now: leaders and their descendants."""
         out: list[tuple[int, int]] = []
-        for p in [self.superlink, *self.supernodes.values()]:
+        for p in [self.superlink, *self.supernodes.values(), *self.trainer_procs.values()]:
             if p is not None and p.alive():
                 out.append((p.pid, _start_time(p.pid)))
                 out += descendants(p.pid)
         return out
 
     def logs(self, lines: int = 20) -> str:
-        procs: Sequence[ManagedProcess | None] = [self.superlink, *self.supernodes.values()]
+        procs: Sequence[ManagedProcess | None] = [self.superlink, *self.supernodes.values(),
+                                                  *self.trainer_procs.values()]
         return "\n".join(f"--- {p.name}\n{p.log_tail(lines)}" for p in procs if p is not None)
 
     def __enter__(self) -> FlowerDeployment:
@@ -222,6 +283,10 @@ class FlowerDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:
@@ -323,14 +388,15 @@ def quote_argv(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def run_foreground(argv: Sequence[str], env: dict[str, str], stop_timeout: float = 10.0) -> int:
+def run_foreground(argv: Sequence[str], env: dict[str, str], stop_timeout: float = 10.0,
+                   companions: Sequence[subprocess.Popen[bytes]] = ()) -> int:
     """Run a Flower process in its own process group with our stdout; stop it and its children on SIGTERM/SIGINT.
 
     On a signal: note the process tree (including the detached SuperExec and its apps), SIGTERM the
-    group, SIGKILL it after ``stop_timeout``, then stop any descendant still alive. Returns the exit code.
+    group, SIGKILL it after ``stop_timeout``, then stop any descendant still alive. ``companions``
+    (already started in their own process groups, e.g. the region's trainer) are stopped with it, and
+    if one of them exits, the Flower process is stopped too (exit code 1). Returns the exit code.
     """
-    import subprocess
-
     proc = subprocess.Popen(list(argv), env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     stopping: list[int] = []
 
@@ -338,8 +404,13 @@ def run_foreground(argv: Sequence[str], env: dict[str, str], stop_timeout: float
         stopping.append(signum)
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    companion_died = False
     try:
         while proc.poll() is None and not stopping:
+            if any(c.poll() is not None for c in companions):
+                companion_died = True
+                print(f"{Path(argv[0]).name}: a companion process exited; stopping", file=sys.stderr)
+                break
             time.sleep(0.2)
         tree = descendants(proc.pid) if proc.poll() is None else []
         if proc.poll() is None:
@@ -354,7 +425,28 @@ def run_foreground(argv: Sequence[str], env: dict[str, str], stop_timeout: float
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         kill_leftovers(tree, timeout=stop_timeout)
+        stop_popen_groups(companions, stop_timeout)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if companion_died:
+        return 1
     return 0 if stopping and proc.returncode in (0, -signal.SIGTERM, -signal.SIGINT) else int(proc.returncode or 0)
+
+
+def stop_popen_groups(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM the process groups led by ``procs`` (started with ``start_new_session``), SIGKILL after ``timeout``."""
+    for c in procs:
+        if c.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for c in procs:
+        try:
+            c.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(c.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            c.wait(5)

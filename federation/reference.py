@@ -8,6 +8,8 @@ holdout the model factory reports; ``spec.reference_limit`` takes a stratified s
 Region data (client side): every ``learning*.sqlite3`` file below the SuperNode's data directory
 (edge agents' learning stores, read with ``edge_agent.learning_store.read_cases``) and every
 ``*.npz`` file with ``x``/``y`` arrays (labelled data a site brings; the benchmark's partitions).
+Decoded learning stores are cached between rounds under ``<data-dir>/.edgefed-cache``
+(``federation.region_cache``), keyed by each store's bytes.
 """
 
 from __future__ import annotations
@@ -70,21 +72,31 @@ def load_region_data(data_dir: Path, *, task: str, num_classes: int, input_chw: 
     import torch
 
     from edge_agent.learning_store import read_cases
+    from federation.region_cache import CACHE_DIR, cached_store
     from federation.training import LocalData, cases_to_data
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
     parts: list[LocalData] = []
-    info: dict[str, Any] = {"stores": 0, "npz": 0, "skipped": {}}
+    info: dict[str, Any] = {"stores": 0, "npz": 0, "skipped": {}, "cache_hits": 0}
+    params = {"task": task, "num_classes": num_classes, "input_chw": list(input_chw)}
     for store in sorted(data_dir.rglob("learning*.sqlite3")):
-        data, skipped = cases_to_data(read_cases(store), task=task, num_classes=num_classes, input_chw=input_chw)
+        def decode(store: Path = store) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+            d, skipped = cases_to_data(read_cases(store), task=task, num_classes=num_classes, input_chw=input_chw)
+            return {"x": d.x.numpy(), "hard": d.hard.numpy(), "soft": d.soft.numpy()}, skipped
+
+        arrays, skipped, hit = cached_store(data_dir, store, params, decode)
+        data = LocalData(*(torch.from_numpy(arrays[k]) for k in ("x", "hard", "soft")))
         info["stores"] += 1
+        info["cache_hits"] += int(hit)
         for k, v in skipped.items():
             info["skipped"][k] = info["skipped"].get(k, 0) + v
         if len(data):
             parts.append(data)
     for path in sorted(data_dir.rglob("*.npz")):
+        if CACHE_DIR in path.relative_to(data_dir).parts:
+            continue  # decoded learning stores (federation.region_cache), not a site's data
         x, y = read_npz(path, num_classes, input_chw)
         info["npz"] += 1
         parts.append(LocalData.from_labels(x, y, num_classes))

@@ -9,6 +9,9 @@ timing each round and keeping every region's reply metrics:
 - a round needs ``max(min_available, min_fit)`` connected SuperNodes within ``round_timeout_s``,
   and at least ``min_fit`` successful training replies within ``round_timeout_s``; otherwise the
   run fails with the reason in words;
+- with ``secagg`` set, the training half of each round runs through Flower's ``SecAggPlusWorkflow``
+  (``federation.secure_agg_server``) instead of ``configure_train``/``aggregate_train``: the server
+  sees only the masked updates' sum; the round records the protocol's facts under ``secagg``;
 - after training, the SuperNodes evaluate the new global model on their own cases (aggregated,
   weighted by their case counts) and the ServerApp evaluates it on the reference set.
 
@@ -23,7 +26,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from federation.messaging import send_and_receive
 from federation.records import from_record, to_record
 from federation.spec import FedResult, FedRunSpec
 
@@ -95,6 +99,20 @@ def _reply_metrics(msg: Message) -> dict[str, Any]:
     return _clean(next(iter(msg.content.metric_records.values()), None))
 
 
+@dataclass
+class _Trained:
+    """The training half of a round: new global weights and who contributed what."""
+
+    arrays: dict[str, Any]
+    sampled: int
+    per_region: dict[str, dict[str, Any]]
+    failures: list[str]
+    train_metrics: dict[str, Any]
+    train_wall: float
+    aggregate_s: float
+    secagg: dict[str, Any] | None = None
+
+
 class _Run:
     """State of one run: spec, model, reference data, strategy, and the result being built."""
 
@@ -116,9 +134,6 @@ class _Run:
             run_id=run_id,
         )
         self.strategy, self.result.privacy = build_strategy(spec, spec.fraction_evaluate)
-        if spec.secagg:
-            raise RunFailed("SecAgg+ is not available with Flower's message-API strategies in this version; "
-                            "run without secagg (server-side DP is available)")
         ckpt = load_checkpoint(Path(spec.initial_checkpoint))
         self.meta = ckpt.meta
         self.model = ckpt.model
@@ -144,6 +159,11 @@ class _Run:
                 "seed": int(spec.seed),
             }
         )
+        self.secagg: Any = None
+        if spec.secagg is not None:
+            from federation.secure_agg_server import SecAggTrainer
+
+            self.secagg = SecAggTrainer(spec, self.arrays, dict(self.train_config))
 
     def evaluate_global(self, arrays: dict[str, Any]) -> dict[str, Any]:
         from federation.training import evaluate, load_arrays
@@ -157,14 +177,18 @@ class _Run:
         self.result.wall_s = round(time.monotonic() - self.started, 3)
         write_result(Path(self.spec.output_dir), self.result)
 
-    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+    def _min_fit_failed(self, rnd: int, ok: int, sampled: int, failures: list[str]) -> RunFailed:
+        return RunFailed(
+            f"round {rnd}: {ok} of {sampled} SuperNodes trained successfully, min_fit is {self.spec.min_fit}"
+            + (f" ({'; '.join(failures)})" if failures else "")
+        )
+
+    def _train(self, grid: Grid, rnd: int, cfg: ConfigRecord) -> _Trained:
+        """Training through the message-API strategy's own configure_train/aggregate_train."""
         spec = self.spec
-        _wait_for_nodes(grid, max(spec.min_available, spec.min_fit), spec.round_timeout_s)
         t0 = time.perf_counter()
-        record = to_record(self.arrays)
-        cfg = ConfigRecord(dict(self.train_config))
-        messages = list(self.strategy.configure_train(rnd, record, cfg, grid))
-        replies = list(grid.send_and_receive(messages, timeout=spec.round_timeout_s))
+        messages = list(self.strategy.configure_train(rnd, to_record(self.arrays), cfg, grid))
+        replies = send_and_receive(grid, messages, timeout=spec.round_timeout_s)
         train_wall = time.perf_counter() - t0
         ok = [m for m in replies if not m.has_error()]
         failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
@@ -172,33 +196,64 @@ class _Run:
         if missing > 0:
             failures.append(f"{missing} SuperNode(s) sent no reply within {spec.round_timeout_s:.0f} s")
         if len(ok) < spec.min_fit:
-            raise RunFailed(
-                f"round {rnd}: {len(ok)} of {len(messages)} SuperNodes trained successfully, min_fit is "
-                f"{spec.min_fit}" + (f" ({'; '.join(failures)})" if failures else "")
-            )
+            raise self._min_fit_failed(rnd, len(ok), len(messages), failures)
         per_region: dict[str, dict[str, Any]] = {_reply_region(m): {"train": _reply_metrics(m)} for m in ok}
         agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, ok)
         if agg_arrays is None:
             raise RunFailed(f"round {rnd}: the strategy could not aggregate the {len(ok)} replies")
-        self.arrays = from_record(agg_arrays)
-        aggregate_s = time.perf_counter() - t0 - train_wall
+        return _Trained(
+            arrays=from_record(agg_arrays), sampled=len(messages), per_region=per_region, failures=failures,
+            train_metrics=_clean(agg_metrics), train_wall=train_wall,
+            aggregate_s=time.perf_counter() - t0 - train_wall,
+        )
+
+    def _train_secagg(self, grid: Grid, rnd: int) -> _Trained:
+        """Training through Flower's SecAggPlusWorkflow (federation.secure_agg_server)."""
+        t0 = time.perf_counter()
+        out = self.secagg.train_round(grid, rnd, self.arrays)
+        wall = time.perf_counter() - t0
+        if len(out.replies) < self.spec.min_fit:
+            raise self._min_fit_failed(rnd, len(out.replies), out.sampled, out.failures)
+        if out.arrays is None:
+            stage = out.record.get("stopped_at") or "the end"
+            why = f" ({'; '.join(out.failures)})" if out.failures else ""
+            raise RunFailed(
+                f"round {rnd}: SecAgg+ stopped at stage '{stage}' with {out.record.get('masked_updates', 0)} of "
+                f"{out.sampled} masked updates: too few regions left for the reconstruction threshold "
+                f"{out.record.get('reconstruction_threshold')}{why}"
+            )
+        return _Trained(
+            arrays=out.arrays, sampled=out.sampled, per_region={r: {"train": m} for r, m in out.replies.items()},
+            failures=out.failures, train_metrics=_clean(out.train_metrics), train_wall=wall,
+            aggregate_s=out.unmask_s, secagg=out.record,
+        )
+
+    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        spec = self.spec
+        _wait_for_nodes(grid, max(spec.min_available, spec.min_fit), spec.round_timeout_s)
+        cfg = ConfigRecord(dict(self.train_config))
+        trained = self._train(grid, rnd, cfg) if self.secagg is None else self._train_secagg(grid, rnd)
+        self.arrays = trained.arrays
+        per_region, failures, train_wall = trained.per_region, trained.failures, trained.train_wall
         compute = [float(r["train"].get("compute-s") or 0.0) for r in per_region.values()]
         entry: dict[str, Any] = {
             "round": rnd,
-            "clients": len(ok),
-            "sampled": len(messages),
+            "clients": len(per_region),
+            "sampled": trained.sampled,
             "regions": sorted(per_region),
             "failures": failures,
-            "train_metrics": _clean(agg_metrics),
+            "train_metrics": trained.train_metrics,
             "round_wall_s": round(train_wall, 4),
             "max_client_compute_s": round(max(compute), 4),
             "overhead_s": round(train_wall - max(compute), 4),
-            "aggregate_s": round(aggregate_s, 4),
+            "aggregate_s": round(trained.aggregate_s, 4),
         }
+        if trained.secagg is not None:
+            entry["secagg"] = trained.secagg
         if spec.fraction_evaluate > 0:
             t1 = time.perf_counter()
             emsgs = list(self.strategy.configure_evaluate(rnd, to_record(self.arrays), ConfigRecord(dict(cfg)), grid))
-            ereplies = list(grid.send_and_receive(emsgs, timeout=spec.round_timeout_s))
+            ereplies = send_and_receive(grid, emsgs, timeout=spec.round_timeout_s)
             eok = [m for m in ereplies if not m.has_error()]
             for m in eok:
                 per_region.setdefault(_reply_region(m), {})["evaluate"] = _reply_metrics(m)

@@ -38,7 +38,8 @@ class FedRunSpec:
     fraction_fit: float = 1.0
     round_timeout_s: float = 300.0
     differential_privacy: dict[str, Any] | None = None  # e.g. {"clipping": "fixed"|"adaptive", "noise_multiplier": ..}
-    secagg: dict[str, Any] | None = None  # e.g. {"num_shares": 3, "reconstruction_threshold": 2}
+    # SecAgg+ on (shared.federation_api.SecAggSettings keys; {} = Flower's defaults), e.g. {"num_shares": 3}
+    secagg: dict[str, Any] | None = None
     reference_limit: int | None = None  # evaluate on a slice of the reference set (tests)
     # Added by the Flower side (all optional, defaults keep the behaviour above):
     reference_data: Path | None = None  # .npz with x (float32 N×C×H×W model inputs) and y; replaces the task's set

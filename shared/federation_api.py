@@ -8,10 +8,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 __all__ = [
     "RUN_STATUSES",
+    "SecAggSettings",
     "FedRoundCreate",
     "FedRunPublic",
     "FedRunsPublic",
@@ -26,6 +27,56 @@ RUN_STATUSES = ("queued", "running", "finished", "failed")
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", from_attributes=True)
+
+
+class SecAggSettings(_Schema):
+    """SecAgg+ for a run (Flower's ``SecAggPlusWorkflow`` + ``secaggplus_mod``): the server sees only the sum.
+
+    The numbers are Flower's own parameters; the rules below are the ones Flower's constructor
+    enforces (and a few it would only warn about), so a bad value is refused before a run starts.
+    """
+
+    num_shares: StrictInt | StrictFloat = Field(
+        3, description="Shares each region's secrets are split into: an integer >= 3, or a fraction in (0, 1] "
+        "of the regions sampled in the round."
+    )
+    reconstruction_threshold: StrictInt | StrictFloat = Field(
+        2, description="Shares needed to rebuild a dropped region's mask: an integer >= 2 and < num_shares, or "
+        "a fraction in (0, 1] of num_shares."
+    )
+    clipping_range: float = Field(8.0, gt=0, le=1e6, description="Weights are clipped to +-clipping_range "
+                                  "before quantisation.")
+    quantization_range: StrictInt = Field(4194304, gt=1, description="Integer levels of the quantisation.")
+    modulus_range: StrictInt = Field(4294967296, gt=1, le=4294967296,
+                                     description="Mask modulus: a power of 2 > quantization_range, at most 2**32.")
+    max_weight: float = Field(1000.0, gt=0, description="Largest example count any region may weigh in with.")
+    timeout: float | None = Field(None, gt=0, le=86400, description="Seconds each protocol stage waits for "
+                                  "replies; default: the run's round_timeout_s.")
+
+    @model_validator(mode="after")
+    def _flower_rules(self) -> SecAggSettings:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares < 3:
+            raise ValueError(f"num_shares as an integer must be at least 3, got {shares}")
+        if isinstance(shares, float) and not 0 < shares <= 1:
+            raise ValueError(f"num_shares as a fraction must be in (0, 1], got {shares}; use an integer for a count")
+        if isinstance(threshold, int):
+            if threshold < 2:
+                raise ValueError(f"reconstruction_threshold as an integer must be at least 2, got {threshold}")
+            if isinstance(shares, int) and threshold >= shares:
+                raise ValueError(
+                    f"reconstruction_threshold ({threshold}) must be less than num_shares ({shares})"
+                )
+        elif not 0 < threshold <= 1:
+            raise ValueError(f"reconstruction_threshold as a fraction must be in (0, 1], got {threshold}")
+        if self.modulus_range & (self.modulus_range - 1):
+            raise ValueError(f"modulus_range must be a power of 2, got {self.modulus_range}")
+        if self.modulus_range <= self.quantization_range:
+            raise ValueError(
+                f"modulus_range ({self.modulus_range}) must be greater than quantization_range "
+                f"({self.quantization_range})"
+            )
+        return self
 
 
 class FedRoundCreate(_Schema):
@@ -52,7 +103,10 @@ class FedRoundCreate(_Schema):
     )
     round_timeout_s: float = Field(300.0, gt=0, le=86400)
     differential_privacy: dict[str, Any] | None = None
-    secagg: dict[str, Any] | None = None
+    secagg: SecAggSettings | None = Field(
+        None, description="Switch SecAgg+ on for this run: {} for the defaults, or num_shares, "
+        "reconstruction_threshold, clipping_range, quantization_range, modulus_range, max_weight, timeout."
+    )
     reference_limit: int | None = Field(None, ge=1, description="Evaluate on a slice of the reference set.")
     reference_data: str | None = Field(
         None,

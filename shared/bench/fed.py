@@ -16,6 +16,17 @@ centralized accuracy (final epoch), and per round the orchestration overhead = r
 training time; its median over rounds is the P6 overhead figure. ClientApp process start-up
 (Flower starts one ``flwr-clientapp`` process per message) is part of that overhead and is reported
 separately (``startup_s``).
+
+Where a round's time goes (``overhead_breakdown``, from the ClientApps' reply metrics, see
+``federation.client_app``): for the region whose reply was ready last (the round's critical path)
+and per component, the median over rounds of ``dispatch`` (ServerApp creates the message → ClientApp
+process starts: SuperNode's poll of the SuperLink, SuperExec's task poll, process launch),
+``startup`` (process start → handler: Python, Flower's imports, pulling the message), ``import``
+(torch and edgefed's training code), ``model`` (build + load global weights), ``data`` (the region's
+data), ``compute`` (local training), ``pack`` (weights to Flower arrays) and ``reply`` (reply ready →
+ServerApp has all replies: ClientApp → SuperNode → SuperLink → ServerApp's reply poll);
+``unaccounted`` is the round wall time minus their sum. ``aggregate`` and ``server_eval`` (reference
+set) follow the training phase and are reported next to it.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ import numpy as np
 
 from shared.bench.common import BenchResult, Target, summarize
 
-__all__ = ["run_p6"]
+__all__ = ["run_p6", "round_breakdown"]
+
+_COMPONENTS = ("dispatch", "startup", "import", "model", "data", "compute", "pack")
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +114,43 @@ def _centralized(ckpt: Path, prep: dict[str, Any], epochs: int, lr: float, batch
             "epoch_compute_s": summarize(times)}
 
 
+def round_breakdown(entry: dict[str, Any]) -> dict[str, float] | None:
+    """Where one round's training phase went, along its critical path (see the module docstring).
+
+    ``entry`` is one round of ``result.json``; returns None for replies without the timing metrics.
+    """
+    regions = [v["train"] for v in entry.get("per_region", {}).values() if "train" in v]
+    if not regions or any(r.get("done-at") is None or r.get("sent-at") is None for r in regions):
+        return None
+    wall = float(entry["round_wall_s"])
+    end = min(float(r["sent-at"]) for r in regions) + wall
+    last = max(regions, key=lambda r: float(r["done-at"]))
+    out = {c: round(float(last.get(f"{c}-s") or 0.0), 4) for c in _COMPONENTS}
+    out["reply"] = round(max(0.0, end - float(last["done-at"])), 4)
+    out["unaccounted"] = round(wall - sum(out.values()), 4)
+    out["round_wall"] = wall
+    return out
+
+
+def _breakdown_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per component, the median (and max) over rounds of the critical path's share; plus server steps."""
+    parts = [b for b in (round_breakdown(r) for r in rounds) if b is not None]
+    out: dict[str, Any] = {}
+    if parts:
+        for key in parts[0]:
+            vals = [b[key] for b in parts]
+            out[key] = {"p50": round(float(np.median(vals)), 4), "max": round(float(max(vals)), 4)}
+    for key in ("aggregate_s", "server_eval_s"):
+        vals = [float(r[key]) for r in rounds if r.get(key) is not None]
+        if vals:
+            out[key.removesuffix("_s")] = {"p50": round(float(np.median(vals)), 4), "max": round(max(vals), 4)}
+    # Every region, not just the critical one: how much each component costs a ClientApp.
+    per_region = [v["train"] for r in rounds for v in r.get("per_region", {}).values() if "train" in v]
+    out["all_regions"] = {c: summarize([float(v[f"{c}-s"]) for v in per_region if v.get(f"{c}-s") is not None])
+                          for c in _COMPONENTS}
+    return out
+
+
 def _plot(path: Path, curves: dict[str, list[float]], centralized: list[float], local_epochs: int) -> None:
     import matplotlib
 
@@ -142,9 +192,13 @@ def run_p6(
     run_timeout_s: float = 3600.0,
     plot_path: Path | None = None,
     work_dir: Path | None = None,
+    task_poll_s: float | None = None,
+    reply_poll_s: float | None = None,
+    trainers: bool = True,
 ) -> BenchResult:
     """P6 as described in the module docstring; returns the result (the caller writes it)."""
-    from federation.processes import FlowerDeployment
+    from federation.messaging import reply_poll_s as reply_poll_default
+    from federation.processes import DEFAULT_TASK_POLL_S, FlowerDeployment
     from federation.runner import FederationClient, read_result
     from federation.spec import FedRunSpec
 
@@ -154,7 +208,10 @@ def run_p6(
         settings={"rounds": rounds, "limit": limit, "strategies": list(strategies), "regions": regions,
                   "alpha": alpha, "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size,
                   "network": f"edge-cnn width {width}, 28x28", "seed": seed, "client_eval": client_eval,
-                  "strategy_params": {s: params.get(s, {}) for s in strategies}},
+                  "strategy_params": {s: params.get(s, {}) for s in strategies},
+                  "superexec_task_poll_s": task_poll_s if task_poll_s is not None else DEFAULT_TASK_POLL_S,
+                  "serverapp_reply_poll_s": reply_poll_s if reply_poll_s is not None else reply_poll_default(),
+                  "trainer_processes": trainers},
     )
     # SIGTERM must unwind like Ctrl-C, so that the deployment (SuperLink, SuperNodes) is stopped.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -174,7 +231,8 @@ def run_p6(
         result.measurements["centralized"] = central
         curves: dict[str, list[float]] = {}
         per_strategy: dict[str, Any] = {}
-        with FlowerDeployment(root / "deployment", prep["region_dirs"]) as dep:
+        with FlowerDeployment(root / "deployment", prep["region_dirs"], task_poll_s=task_poll_s,
+                              reply_poll_s=reply_poll_s, trainers=trainers) as dep:
             client = FederationClient(dep.address, dep.flwr_home)
             for name in strategies:
                 spec = FedRunSpec(
@@ -211,6 +269,8 @@ def run_p6(
                     "overhead_s": summarize(overhead),
                     "clientapp_startup_s": summarize(startup),
                     "clientapp_setup_s": summarize(setup),
+                    "overhead_breakdown": _breakdown_summary(res.rounds),
+                    "rounds_breakdown": [round_breakdown(r) for r in res.rounds],
                     "run_wall_s": round(time.perf_counter() - t1, 2),
                 }
                 log.info("%s: final accuracy %.4f (centralized %.4f), overhead p50 %.2f s", name, acc[-1],
@@ -235,7 +295,9 @@ def run_p6(
         result.notes.append(
             "overhead = round wall time minus the slowest client's local training time; it includes Flower "
             "starting one flwr-clientapp process per message (clientapp_startup_s: process start to handler; "
-            "clientapp_setup_s: torch import, model and data loading) and the weights' transfer")
+            "clientapp_setup_s: torch import, model and data loading), the polls of SuperNode (3 s, fixed in "
+            "Flower 1.41), SuperExec and ServerApp, and the weights' transfer; overhead_breakdown splits the "
+            "critical path of each round into these parts")
         if limit is not None:
             result.notes.append(f"smoke run on a {limit}-item slice; not a P6 measurement")
     finally:

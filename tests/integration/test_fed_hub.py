@@ -172,6 +172,12 @@ def test_bad_requests_name_the_problem_and_change_nothing(fed_hub: FedHub, hub_m
             ({"model_name": "t-cloud"}, 400, "task 't', which has no reference set"),
             ({"model_name": "t-cloud", "reference_data": "/no/such.npz"}, 400, "is not a file on the hub"),
             ({"model_name": "t-cloud", "rounds": 0}, 422, "rounds"),
+            ({"model_name": "t-cloud", "secagg": {"num_shares": 2}}, 422,
+             "body.secagg: Value error, num_shares as an integer must be at least 3"),
+            ({"model_name": "t-cloud", "secagg": {"clipping_range": 0}}, 422, "body.secagg.clipping_range"),
+            ({"model_name": "t-cloud", "secagg": {"modulus_range": 1000}}, 422, "modulus_range must be a power of 2"),
+            ({"model_name": "t-cloud", "secagg": {}, "min_fit": 2, "min_available": 2, "reference_data": ref,
+              "differential_privacy": {"noise_multiplier": 0.1}}, 400, "cannot be combined with differential_privacy"),
         ]
         for body, code, words in cases:
             r = http.post("/api/v1/federation/rounds", json=body)

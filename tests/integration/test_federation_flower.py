@@ -13,6 +13,7 @@ from federation.processes import FlowerDeployment, alive_pids, descendants
 from federation.runner import FederationClient, read_result
 from federation.spec import FedRunSpec
 from federation.strategies import StrategyConfigError
+from shared.bench.fed import round_breakdown
 from tests.fed_fixtures import make_edge_checkpoint, make_learning_store, make_reference, make_regions
 
 RUN_TIMEOUT = 300  # generous: a loaded 2-core CI box runs each ClientApp process start in 5-15 s
@@ -59,6 +60,10 @@ def test_two_rounds_write_a_loadable_global_model_and_per_round_metrics(fed) -> 
         assert all(v["evaluate"]["num-examples"] == 24 for v in r["per_region"].values())
         assert 0.0 <= r["val_accuracy"] <= 1.0 and r["num_examples"] == 64
         assert r["round_wall_s"] >= r["max_client_compute_s"] > 0
+        # The regions' trainers did the work (the ClientApp never imported torch); the round's time is split up.
+        assert all(v["train"]["trainer"] == 1.0 for v in r["per_region"].values())
+        parts = round_breakdown(r)
+        assert parts is not None and parts["compute"] > 0 and parts["dispatch"] >= 0 and parts["reply"] >= 0
         assert r["client_eval"]["accuracy"] is not None
     assert result.initial_metrics["num_examples"] == 64
     assert result.final_metrics["val_accuracy"] == pytest.approx(result.rounds[-1]["val_accuracy"])
