@@ -34,7 +34,7 @@ from shared.bench.common import BenchResult, Target, summarize
 
 __all__ = ["run_p5"]
 
-AGENTS_PER_PROCESS = 250
+AGENTS_PER_PROCESS = 500
 TASK = "bench-p5"
 STEADY_AFTER_S = 1.0  # the sustained rate counts answers from this long after the start to the window's end
 SIDE = 16  # 1×16×16 float32 input: ~1 KB escalations, a model that costs little next to the transport
