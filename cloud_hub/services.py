@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from typing import Any, Literal
@@ -121,6 +122,10 @@ class HubServices:
             self._refresh_stop.clear()
             self._refresh_thread = threading.Thread(target=self._follow_models, name="hub-models", daemon=True)
             self._refresh_thread.start()
+        # Everything loaded so far (torch, the models, SQLAlchemy, FastAPI: millions of objects) lives
+        # as long as the process: keep it out of the cyclic collector's full passes, which would
+        # otherwise walk all of it again and again under a steady stream of escalations.
+        gc.freeze()
         log.info(
             "hub %s %s started: data %s, database %s, broker %s, device %s",
             self.role,

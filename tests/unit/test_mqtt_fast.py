@@ -184,3 +184,29 @@ def _wait_for(cond, timeout: float = 5.0) -> None:  # noqa: ANN001
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert cond()
+
+
+def test_publish_properties_pack_to_the_same_bytes_as_paho() -> None:
+    import pytest
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from shared.mqtt import MqttError, PublishProperties
+
+    cases = [("edgefed/v1/d/answer", b"rid-1", None), (None, b"x" * 300, 60), ("a/b", None, None), (None, None, 0),
+             ("é/ü", bytes(range(256)), 4294967295)]
+    for topic, corr, expiry in cases:
+        ref = Properties(PacketTypes.PUBLISH)
+        if expiry is not None:
+            ref.MessageExpiryInterval = expiry
+        if topic is not None:
+            ref.ResponseTopic = topic
+        if corr is not None:
+            ref.CorrelationData = corr
+        assert PublishProperties(topic, corr, expiry).pack() == ref.pack(), (topic, corr, expiry)
+    with pytest.raises(MqttError, match="wildcards"):
+        PublishProperties("a/+", None, None)
+    with pytest.raises(MqttError, match="at most 65535"):
+        PublishProperties(None, b"x" * 70000, None)
+    with pytest.raises(MqttError, match="outside"):
+        PublishProperties(None, None, -1)
