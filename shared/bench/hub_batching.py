@@ -98,7 +98,7 @@ def _build_model(device: str, checkpoint: Path | None, seed: int) -> tuple[Any, 
         net = build_model(cfg["arch"], **cfg["arch_kwargs"])
         spec = ModelSpec(cfg["name"], "random", cfg["task"], tuple(cfg["labels"]), tuple(cfg["input_chw"]))
         weights = {"weights": "random", "seed": seed, "arch": cfg["arch"], "arch_kwargs": cfg["arch_kwargs"]}
-        return LoadedModel(net, spec, device), weights
+        return LoadedModel(net, spec, device, cpu_runtime="onnxruntime"), weights
     # A trained cloud checkpoint, read without pydantic: weights plus the metadata to rebuild them.
     data = Path(checkpoint).read_bytes()
     raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -111,7 +111,7 @@ def _build_model(device: str, checkpoint: Path | None, seed: int) -> tuple[Any, 
     spec = ModelSpec(meta["name"], meta["version"], meta["task"], tuple(meta["labels"]), tuple(inp[1:]))
     weights = {"weights": "trained", "checkpoint": str(checkpoint), "sha256": hashlib.sha256(data).hexdigest(),
                "model": f"{meta['name']}:{meta['version']}", "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"]}
-    return LoadedModel(net, spec, device), weights
+    return LoadedModel(net, spec, device, cpu_runtime="onnxruntime"), weights  # as the hub runs it
 
 
 async def _drive(service: Any, task: str, inputs: Sequence[np.ndarray], concurrency: int, warmup_s: float,
@@ -260,7 +260,7 @@ def run_p4(cfg: P4Config | None = None) -> BenchResult:
         "device_name": _device_name(device, result.machine.get("cpu_model", "unknown")),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "model": {**weights, "input_chw": list(model.spec.input_chw)},
+        "model": {**weights, "input_chw": list(model.spec.input_chw), "runtime": model.runtime},
         "inputs": "random float32 1×C×H×W, one sample per request",
         "clients": {
             "gateway_like": "one submitting thread; submit_callback, answered on the inference thread "
