@@ -7,9 +7,11 @@ inside the commands, so importing this module (as ``shared.cli`` does) stays che
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
@@ -331,7 +333,14 @@ def _serve(settings: HubSettings, role: str = "api") -> int:
             lifespan="on",
         )
     )
-    # uvicorn handles SIGTERM/SIGINT: it stops accepting, then runs the lifespan shutdown.
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, then runs the lifespan shutdown, and then
+    # re-raises the signal. By then the hub has stopped cleanly, so that re-raised signal exits 0
+    # (a supervisor tells a clean stop from a crash by the exit status).
+    def _stopped(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0 if server.started else 1)
+
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
     server.run()
     return 0 if server.started else 1
 

@@ -38,6 +38,8 @@ class HubServices:
         self.role = role
         self._refresh_stop = threading.Event()
         self._refresh_thread: threading.Thread | None = None
+        self._gateway_lock = threading.Lock()  # the loader's gateway.start() vs stop()
+        self._models_loading = False
         self._failed_models: set[tuple[str, str]] = set()
         self.metrics = HubMetrics()
         self.db = Database(settings.database_url)
@@ -111,21 +113,18 @@ class HubServices:
         else:  # one process (the API hub) owns migrations; workers wait for it
             self.db.open(migrate=False, wait_s=s.db_wait_s)
         self.inference.start()
-        self.load_cloud_models()
         self.activity.start()
-        self.gateway.start()
         if self.role == "api":  # one process submits and schedules federation runs
             self.federation.start()
             self.fed_schedules.start()
             self.rollouts.start_ticking()
-        if self.role == "worker":
-            self._refresh_stop.clear()
-            self._refresh_thread = threading.Thread(target=self._follow_models, name="hub-models", daemon=True)
-            self._refresh_thread.start()
-        # Everything loaded so far (torch, the models, SQLAlchemy, FastAPI: millions of objects) lives
-        # as long as the process: keep it out of the cyclic collector's full passes, which would
-        # otherwise walk all of it again and again under a steady stream of escalations.
-        gc.freeze()
+        # Loading and warming the cloud models takes seconds per model; it runs in the background so
+        # that HTTP (healthz, metrics) answers meanwhile. readyz stays 503 until the models are warm
+        # and the broker is connected; the gateway subscribes to escalations only once they are warm.
+        self._refresh_stop.clear()
+        self._models_loading = True
+        self._refresh_thread = threading.Thread(target=self._load_models_then_serve, name="hub-models", daemon=True)
+        self._refresh_thread.start()
         log.info(
             "hub %s %s started: data %s, database %s, broker %s, device %s",
             self.role,
@@ -141,8 +140,10 @@ class HubServices:
         # Leave the shared subscription first so the broker hands new escalations to the other workers,
         # then drain inference: what is queued is still answered while the broker connection is up.
         self._refresh_stop.set()
+        with self._gateway_lock:  # after this, a loader still warming a model never connects
+            pass
         if self._refresh_thread is not None:
-            self._refresh_thread.join(10)
+            self._refresh_thread.join(60)  # a model in warm-up finishes first
             self._refresh_thread = None
         steps = (
             self.rollouts.stop_ticking,
@@ -181,8 +182,33 @@ class HubServices:
                 )
         return loaded
 
-    def _follow_models(self) -> None:
-        # A worker has no push route: it picks up cloud versions the API hub registered.
+    def _load_models_then_serve(self) -> None:
+        """The ``hub-models`` thread: load the registered cloud models, then answer escalations; a
+        worker then keeps picking up the versions the API hub registers (it has no push route)."""
+        while True:
+            try:
+                loaded = self.load_cloud_models()
+                break
+            except Exception:  # the database may be briefly unavailable; try again
+                log.warning(
+                    "could not load the registered cloud models; retrying in %.0f s",
+                    self.settings.model_refresh_s,
+                    exc_info=True,
+                )
+                if self._refresh_stop.wait(self.settings.model_refresh_s):
+                    return
+        with self._gateway_lock:
+            if self._refresh_stop.is_set():
+                return
+            self.gateway.start()
+        self._models_loading = False
+        # Everything loaded so far (torch, the models, SQLAlchemy, FastAPI: millions of objects) lives
+        # as long as the process: keep it out of the cyclic collector's full passes, which would
+        # otherwise walk all of it again and again under a steady stream of escalations.
+        gc.freeze()
+        log.info("%d cloud model(s) warm; answering escalations from %s", loaded, self.settings.broker_url)
+        if self.role != "worker":
+            return
         while not self._refresh_stop.wait(self.settings.model_refresh_s):
             try:
                 self.load_cloud_models()
@@ -209,7 +235,9 @@ class HubServices:
         why = {
             "database": f"database {_redact(self.settings.database_url)} is not reachable",
             "broker": f"no connection to broker {self.settings.broker_url}",
-            "cloud_model": "no cloud model is loaded (push a checkpoint with `edgefed model push`)",
+            "cloud_model": "the registered cloud models are still loading (warm-up)"
+            if self._models_loading
+            else "no cloud model is loaded (push a checkpoint with `edgefed model push`)",
         }
         detail = "ready" if not missing else "not ready: " + "; ".join(why[m] for m in missing)
         return {

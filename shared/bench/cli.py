@@ -124,11 +124,19 @@ def transport(
     = 30,
     out: Annotated[Path, typer.Option(envvar="EDGEFED_BENCH_OUT", help="JSON result.")]
     = _OUT / "transport.json",
+    cloud_arch: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_CLOUD_ARCH",
+                                            help="Random-weight network the hub answers with (width 8): "
+                                                 "edge-cnn (light) or cloud-resnet (heavier at 150 KB).")]
+    = "edge-cnn",
 ) -> None:
     """P3: escalation round-trip overhead through the real hub vs a raw MQTT echo, 1/30/150 KB."""
     from shared.bench.transport import run_p3
+    from shared.models import ARCHITECTURES
 
-    _finish(run_p3(requests=requests, warmup=warmup), out)
+    if cloud_arch not in ARCHITECTURES:
+        raise typer.BadParameter(f"unknown architecture {cloud_arch!r}; known: {', '.join(sorted(ARCHITECTURES))}",
+                                 param_hint="--cloud-arch")
+    _finish(run_p3(requests=requests, warmup=warmup, cloud_arch=cloud_arch), out)
 
 
 @bench_app.command()

@@ -4,6 +4,12 @@ The agent side is the agent's own ``EscalationClient``; the hub is a real ``edge
 with a tiny random cloud model per payload size (input 1×S×S float32, so the tensor is the payload).
 Overhead = round trip minus the hub-reported ``inference_ms`` (the forward pass alone).
 
+The default network is ``edge-cnn`` at width 8 (0.2–1.1 ms per forward pass), not the heavier
+``cloud-resnet`` (0.3–7.9 ms at 1–150 KB): on this kind of VM a process that sat idle through a
+long forward pass wakes up late, and that wake-up lands in the overhead although it is no part of
+the transport. Measured here: a raw echo whose responder waits 7.9 ms before answering takes
+1.4–2.4 ms instead of 0.7–1.7 ms. ``cloud_arch`` chooses the network, to see that effect.
+
 The baseline, in the same run and interleaved request by request: a plain MQTT v5 request/response
 on the same broker — one client echoing each request with a payload of the same size (both sides
 through ``shared.mqtt.MqttClient``, paho with TCP_NODELAY, QoS 1).
@@ -99,7 +105,14 @@ async def _measure(escalator, echo: _Echo, requests: int, warmup: int, timeout: 
     return out
 
 
-def run_p3(work_dir: Path | None = None, *, requests: int = 300, warmup: int = 30, timeout: float = 5.0) -> BenchResult:
+def run_p3(
+    work_dir: Path | None = None,
+    *,
+    requests: int = 300,
+    warmup: int = 30,
+    timeout: float = 5.0,
+    cloud_arch: str = "edge-cnn",
+) -> BenchResult:
     """Round trips through the real hub and the raw echo, per payload size, interleaved."""
     from edge_agent.escalation import EscalationClient
     from shared.bench.stack import Stack, tiny_cloud_checkpoint
@@ -107,7 +120,7 @@ def run_p3(work_dir: Path | None = None, *, requests: int = 300, warmup: int = 3
 
     result = BenchResult("transport/p3", {"requests_per_size": requests, "warmup": warmup, "timeout_s": timeout,
                                           "payload_sides": PAYLOADS, "qos": 1, "broker": "mosquitto (DevBroker)",
-                                          "concurrency": 1,
+                                          "concurrency": 1, "cloud_arch": cloud_arch,
                                           "overhead": "round trip - hub inference_ms (forward pass only)",
                                           "baseline": "same-size echo over the same broker via shared.mqtt "
                                                       "(paho v5, TCP_NODELAY, QoS 1), interleaved"})
@@ -118,7 +131,9 @@ def run_p3(work_dir: Path | None = None, *, requests: int = 300, warmup: int = 3
             stack.start_hub()
             with stack.client() as client:
                 for name, side in PAYLOADS.items():
-                    client.push_checkpoint(tiny_cloud_checkpoint(root / f"{name}.pt", f"bench-{name}", side))
+                    client.push_checkpoint(
+                        tiny_cloud_checkpoint(root / f"{name}.pt", f"bench-{name}", side, arch=cloud_arch)
+                    )
             stack.wait_hub_ready()
             mqtt = MqttClient(broker.url, "edgefed-agent-bench-transport")
             escalator = EscalationClient(mqtt, "bench-transport")
