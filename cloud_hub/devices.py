@@ -103,6 +103,15 @@ class DeviceService:
             ).all()
             return [DevicePublic.model_validate(r) for r in rows], total
 
+    def counts_by_region(self) -> dict[str, tuple[int, int]]:
+        """Registered and online devices per region."""
+        with self._db.session() as s:
+            rows = s.execute(
+                select(DeviceRow.region, func.count(), func.count().filter(DeviceRow.online.is_(True)))
+                .group_by(DeviceRow.region)
+            ).all()
+        return {region: (int(total), int(online)) for region, total, online in rows}
+
     def get(self, device_id: str) -> DevicePublic:
         with self._db.session() as s:
             return DevicePublic.model_validate(self._row(s, device_id))

@@ -15,7 +15,7 @@ from cloud_hub.escalations import DEFAULT_PAYLOAD_POLICY, EscalationStore
 from cloud_hub.federation import FederationConfig, FederationScheduler, FederationService
 from cloud_hub.gateway import DeviceActivity, MqttGateway
 from cloud_hub.inference import InferenceService, ModelSpec
-from cloud_hub.metrics import HubMetrics
+from cloud_hub.metrics import FleetCollector, HubMetrics
 from cloud_hub.registry import ArtifactStore, ModelVersionInfo, RegistryService, TrustedKeys
 from cloud_hub.rollouts.controller import RolloutController
 from cloud_hub.rollouts.health import HealthRecorder
@@ -97,6 +97,9 @@ class HubServices:
             self.gateway.set_telemetry_sink(self.health.record)
             self.gateway.add_connect_hook(self.rollouts.request_republish)
         self.devices.add_assignment_listener(self.assignments.publish)
+        self.metrics.registry.register(
+            FleetCollector(self.activity.totals, self.devices.counts_by_region if role == "api" else None)
+        )
         self.admin_token_hash = ""
 
     def start(self) -> None:

@@ -44,6 +44,8 @@ class DeviceActivity:
         self._escalations: Counter[str] = Counter()
         self._statuses: dict[str, StatusUpdate] = {}
         self._stats: dict[StatKey, StatCounts] = {}
+        # Since this process started, per (device, region, edge model, edge version): /metrics counters.
+        self._totals: dict[tuple[str, str, str, str], StatCounts] = {}
         self._payloads: list[PayloadRecord] = []
         self._dropped_payloads = 0
         self._policy: PayloadPolicy | None = escalations.default_policy if escalations else None
@@ -79,6 +81,9 @@ class DeviceActivity:
             counts = self._stats.setdefault(key, StatCounts())
             counts.answered += 1
             counts.latency_ms_sum += latency_ms
+            total = self._totals.setdefault(key[1:], StatCounts())
+            total.answered += 1
+            total.latency_ms_sum += latency_ms
             if record is not None:
                 if len(self._payloads) < MAX_PENDING_PAYLOADS:
                     self._payloads.append(record)
@@ -93,6 +98,13 @@ class DeviceActivity:
             key = StatKey(self._minute(), device_id, req.region, req.model_name, req.model_version)
         with self._lock:
             self._stats.setdefault(key, StatCounts()).errors += 1
+            self._totals.setdefault(key[1:], StatCounts()).errors += 1
+
+    def totals(self) -> dict[tuple[str, str, str, str], StatCounts]:
+        """Answered and refused escalations since this process started, per (device id, region, edge
+        model name, edge model version); a copy."""
+        with self._lock:
+            return {k: StatCounts(c.answered, c.errors, c.latency_ms_sum) for k, c in self._totals.items()}
 
     def _minute(self) -> datetime:
         """The current minute as the statistics' bucket (cached: escalations arrive by the thousand)."""

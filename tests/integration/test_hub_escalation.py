@@ -136,6 +136,21 @@ def test_escalation_is_answered_with_its_correlation_data_and_the_cloud_label(
             time.sleep(0.2)
     assert state.escalations == 3 and state.online and state.last_seen is not None
 
+    # /metrics: this device's escalations by outcome, and the fleet online by region (read at scrape).
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(module_hub.metrics_text())
+        for s in f.samples
+    }
+    mine = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "edgefed_hub_device_escalations_total" and dict(labels)["device_id"] == device.device_id
+    }
+    assert mine == {"answered": 3.0, "error": 0.0}
+    assert samples[("edgefed_hub_devices_online", (("region", "north"),))] >= 1
+    assert samples[("edgefed_hub_devices", (("region", "north"),))] >= 1
+
 
 def test_malformed_escalations_get_error_answers_and_the_worker_keeps_going(
     module_hub: HubProcess, device: Device
