@@ -72,7 +72,7 @@ class FedSettings:
     strategy: str = "fedavg"
     rounds: int = 2
     local_epochs: int = 3
-    lr: float = 3e-4
+    lr: float = 1e-4
     batch_size: int = 16
     soft_weight: float = 0.5
     # The hub registers the global model if it is not worse than its parent on the reference set

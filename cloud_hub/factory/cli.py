@@ -66,8 +66,13 @@ def train(
         int, typer.Option(envvar="EDGEFED_CLOUD_WIDTH", help="Channel width of the cloud ResNet.")
     ] = 16,
     edge_width: Annotated[
-        int, typer.Option(envvar="EDGEFED_EDGE_WIDTH", help="Channel width of the edge CNN (wider: more INT8 gain).")
-    ] = 16,
+        int,
+        typer.Option(
+            envvar="EDGEFED_EDGE_WIDTH",
+            help="Channel width of the edge CNN. At 16 the network is so small (0.25 ms) that INT8 saves "
+            "no time; at 32 INT8 runs in ~0.5x the FP32 time on a CPU with VNNI.",
+        ),
+    ] = 32,
     progress: Annotated[bool, typer.Option(envvar="EDGEFED_PROGRESS", help="Show a progress bar per epoch.")] = True,
 ) -> None:
     """Train the cloud model, then the edge model distilled from it, on the task's train split."""
