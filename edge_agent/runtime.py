@@ -59,6 +59,10 @@ class _InputShape:
     dims: tuple[int | None, ...]
 
 
+# Inference passes on a zero input before a model serves (see ``EdgeRuntime._warm_up``).
+_WARM_UP_RUNS = 3
+
+
 class EdgeRuntime:
     """Runs one bundle's model; ``predict`` returns class probabilities. Thread-safe (ORT sessions are)."""
 
@@ -82,8 +86,23 @@ class EdgeRuntime:
         except Exception as exc:  # onnxruntime raises its own non-standard exception types
             raise ModelError(f"onnxruntime cannot load model {what}: {exc}") from exc
         model_input = _check_model_matches_spec(session, manifest.input, len(manifest.labels), what)
+        runtime = cls(session, manifest, model_input)
+        runtime._warm_up(what)
         log.info("loaded model %s (%s, %d intra-op thread(s))", what, bundle.model_path, intra_op_threads)
-        return cls(session, manifest, model_input)
+        return runtime
+
+    def _warm_up(self, what: str) -> None:
+        """Run the model before it serves: onnxruntime initialises kernels and buffers on the first run
+        (several ms, ~7 MiB), which would otherwise land on the first request after a start or a swap;
+        a model that loads but cannot run is refused here, while the old one still serves."""
+        x = np.zeros([1, *self.spec.shape[1:]], dtype=np.dtype(self.spec.dtype))
+        try:
+            for _ in range(_WARM_UP_RUNS):
+                self.predict(x)
+        except ModelError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own non-standard exception types
+            raise ModelError(f"model {what} loads but fails on a zero input: {exc}") from exc
 
     @property
     def name(self) -> str:

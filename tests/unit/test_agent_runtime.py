@@ -102,3 +102,27 @@ def test_softmax_is_stable_for_large_logits() -> None:
     p = softmax(np.array([[1000.0, 0.0], [-1000.0, -1000.0]], dtype=np.float32))
     assert np.isfinite(p).all()
     assert p[0] == pytest.approx([1.0, 0.0]) and p[1] == pytest.approx([0.5, 0.5])
+
+
+def _model_that_fails_at_run(path: Path) -> Path:
+    """Loads in onnxruntime, but its Reshape of 64 values to 3×2 fails on every run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["logits"])],
+        "fails-at-run",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [3, 2])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_model_that_loads_but_cannot_run_is_refused_at_load(tmp_path: Path, signing_keys: SigningKeys) -> None:
+    # The warm-up pass on a zero input runs before the model may serve: a bundle whose model fails on
+    # its first inference is refused at load (the agent keeps its old model) instead of failing requests.
+    bundle = _bundle_with(tmp_path, signing_keys, _model_that_fails_at_run(tmp_path / "bad.onnx"))
+    with pytest.raises(ModelError, match="model odd:1 loads but fails on a zero input"):
+        EdgeRuntime.load(bundle)
