@@ -18,8 +18,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
-from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.applications import Starlette
 
 from edge_agent.api import RollbackError, RollbackResult, create_app
 from edge_agent.breaker import CircuitBreaker
@@ -58,7 +58,7 @@ class Agent:
         self.store: BundleStore | None = None
         self.mqtt: MqttClient | None = None
         self.service: EdgeService | None = None
-        self.app: FastAPI | None = None
+        self.app: Starlette | None = None
         self._bundle: VerifiedBundle | None = None
         self.outbox: Outbox | None = None
         self._sender: OutboxSender | None = None

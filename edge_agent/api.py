@@ -12,6 +12,11 @@
 
 Bad input gets a 4xx whose ``detail`` names the problem; nothing else changes. Status codes are
 chosen here and only here.
+
+Built on Starlette, not FastAPI: six routes need no dependency injection or generated OpenAPI, and
+importing FastAPI costs the agent ~11 MiB of resident memory and ~0.3 s of start-up (P7). Request
+bodies are still validated by pydantic models, and errors keep FastAPI's shape (``{"detail": ...}``,
+422 for a body that does not fit the model).
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from edge_agent.metrics import CONTENT_TYPE as METRICS_TYPE
 from edge_agent.metrics import render_metrics
 from edge_agent.redaction import RedactionError
 from edge_agent.runtime import InputError, ModelError
-from edge_agent.service import EdgeService, FeedbackError, InferenceResult
+from edge_agent.service import EdgeService, FeedbackError
 from shared.codec import CodecError, decode_frame
 
 __all__ = [
@@ -74,12 +83,10 @@ def create_app(
     *,
     max_body_bytes: int = 8 * 1024 * 1024,
     rollback: Callable[[], RollbackResult] | None = None,
-) -> FastAPI:
+) -> Starlette:
     """The ASGI app serving ``service``; ``rollback`` switches back to the previous bundle."""
-    app = FastAPI(title="edgefed agent", summary=f"edge agent {service.device_id}")
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    def healthz(request: Request) -> JSONResponse:
         runtime = service.runtime
         body: dict[str, Any] = {
             "status": "ok",
@@ -93,14 +100,12 @@ def create_app(
             body["breaker"] = service.breaker.state
         if service.update_error:
             body["update_error"] = service.update_error
-        return body
+        return JSONResponse(body)
 
-    @app.get("/metrics")
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
         return Response(render_metrics(service), media_type=METRICS_TYPE)
 
-    @app.get("/v1/stats")
-    def stats() -> dict[str, Any]:
+    def stats(request: Request) -> JSONResponse:
         escalation = asdict(service.escalator.stats()) if service.escalator else {}
         box = service.outbox
         outbox = {}
@@ -110,15 +115,11 @@ def create_app(
         if service.breaker is not None:
             b = service.breaker
             breaker = {"state": b.state, "opened": b.opened, "short_circuited": b.short_circuited}
-        return {
-            "requests": asdict(service.stats()),
-            "escalation": escalation,
-            "outbox": outbox,
-            "breaker": breaker,
-        }
+        return JSONResponse(
+            {"requests": asdict(service.stats()), "escalation": escalation, "outbox": outbox, "breaker": breaker}
+        )
 
-    @app.post("/v1/infer", response_model=InferenceResult)
-    async def infer(request: Request) -> InferenceResult:
+    async def infer(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in (*IMAGE_TYPES, TENSOR_CONTENT_TYPE, MULTIPART):
             raise HTTPException(
@@ -136,32 +137,68 @@ def create_app(
         try:
             metadata = _parse_metadata(metadata_text)
             if content_type == TENSOR_CONTENT_TYPE:
-                return await service.infer(_tensor_from_frame(body), metadata)
-            return await service.infer_image(body, metadata)
+                result = await service.infer(_tensor_from_frame(body), metadata)
+            else:
+                result = await service.infer_image(body, metadata)
         except (InputError, RedactionError) as exc:
             raise HTTPException(400, str(exc)) from None
         except ModelError as exc:
             raise HTTPException(500, str(exc)) from None
+        return _json(result)
 
-    @app.post("/v1/feedback", response_model=FeedbackOut)
-    def feedback(body: FeedbackIn) -> FeedbackOut:
+    async def feedback(request: Request) -> JSONResponse:
+        body = _validated(FeedbackIn, await _read_body(request, _MAX_JSON_BYTES))
         try:
             label = service.feedback(body.request_id, body.label)
         except FeedbackError as exc:
             status = 404 if "unknown" in str(exc) else 409 if "disabled" in str(exc) else 400
             raise HTTPException(status, str(exc)) from None
-        return FeedbackOut(request_id=body.request_id, label=label, label_name=service.runtime.labels[label])
+        return _json(FeedbackOut(request_id=body.request_id, label=label, label_name=service.runtime.labels[label]))
 
-    @app.post("/v1/model/rollback", response_model=RollbackResult)
-    def model_rollback() -> RollbackResult:
+    def model_rollback(request: Request) -> JSONResponse:
         if rollback is None:
             raise HTTPException(409, "rollback is not available on this agent")
         try:
-            return rollback()
+            return _json(rollback())
         except RollbackError as exc:
             raise HTTPException(409, str(exc)) from None
 
-    return app
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code in (204, 304):  # no body allowed
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/stats", stats, methods=["GET"]),
+        Route("/v1/infer", infer, methods=["POST"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
+        Route("/v1/model/rollback", model_rollback, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+# Feedback bodies are a request id and a label: a few hundred bytes.
+_MAX_JSON_BYTES = 64 * 1024
+
+
+def _json(model: BaseModel) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validated(model: type[_M], body: bytes) -> _M:
+    """``body`` (JSON) as ``model``, or a 422 naming the first problem (FastAPI's status for the same)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise HTTPException(422, f"request body is invalid: {where}: {err['msg']}") from None
 
 
 def _parse_metadata(text: str | None) -> object | None:

@@ -1,6 +1,6 @@
 """``edgefed agent ...``: the edge agent's command line.
 
-Only typer and the standard library at import time: onnxruntime, fastapi and uvicorn load inside
+Only typer and the standard library at import time: onnxruntime, starlette and uvicorn load inside
 the command, and torch never does, so ``edgefed agent run`` works on an edge-only install.
 """
 

@@ -110,8 +110,8 @@ def demo(
 # Which extra provides a module that a command imports lazily, for a clear message on a partial install.
 _EXTRA_OF = {
     "torch": "hub", "sqlalchemy": "hub", "alembic": "hub", "onnx": "hub", "onnxscript": "hub",
-    "prometheus_client": "hub", "elpv_dataset": "hub",
-    "onnxruntime": "edge", "fastapi": "edge", "uvicorn": "edge", "PIL": "edge", "multipart": "edge",
+    "prometheus_client": "hub", "elpv_dataset": "hub", "fastapi": "hub",
+    "onnxruntime": "edge", "starlette": "edge", "uvicorn": "edge", "PIL": "edge", "multipart": "edge",
 }
 
 

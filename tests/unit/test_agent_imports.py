@@ -70,11 +70,12 @@ def test_agent_command_help_runs_without_torch() -> None:
 def test_serving_process_leaves_rare_path_libraries_unloaded() -> None:
     # Resident memory (P7): the agent verifies bundles with the OpenSSL CPython already loaded, not with
     # `cryptography` (~7.5 MiB); Pillow loads only when the first PNG/JPEG arrives (~2 MiB); tqdm only
-    # for `agent infer`. Importing the whole serving chain must load none of them.
+    # for `agent infer`; the local API is Starlette, never FastAPI (~11 MiB). Importing the whole serving
+    # chain must load none of them.
     r = _run(
         "import sys\n"
         + "".join(f"import {m}\n" for m in AGENT_MODULES)
-        + "lazy = sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'PIL', 'tqdm'))\n"
+        + "lazy = sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'PIL', 'tqdm', 'fastapi'))\n"
         "assert not lazy, lazy\n"
     )
     assert r.returncode == 0, r.stderr
