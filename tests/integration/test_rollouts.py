@@ -275,9 +275,15 @@ def test_bad_version_is_rolled_back_within_its_canary_to_each_devices_own_versio
     assert fleet.served("ro-1") == "2" and fleet.served("ro-2") == "1"
     # Nobody outside the canary group ever received version 3.
     assert {d for d, v in fleet.recorder.seen if v == "3"} == {"ro-1", "ro-2"}
+    # The controller records "restored" on its next tick after a device reports its old version again.
+    expected = {"ro-1": "restored", "ro-2": "restored", "ro-3": "waiting", "ro-4": "waiting"}
     with fleet.admin() as admin:
-        assert {d.device_id: d.status for d in admin.get_rollout(r.id).devices} == {
-            "ro-1": "restored", "ro-2": "restored", "ro-3": "waiting", "ro-4": "waiting"}
+
+        def statuses() -> dict[str, str]:
+            return {d.device_id: d.status for d in admin.get_rollout(r.id).devices}
+
+        wait_until(lambda: statuses() == expected, 15, "the rollout records both canary devices as restored")
+        assert statuses() == expected
 
 
 def _cli(fleet: Fleet, *args: str) -> Result:
