@@ -30,7 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.records import from_record, to_record
+from federation.records import BUFFERS_KEY, buffers_from_config, buffers_to_config, from_record, to_record
 from federation.secure_agg import secagg_mod
 
 __all__ = ["app"]
@@ -66,6 +66,8 @@ def _work(op: str, msg: Message, context: Context) -> tuple[dict[str, Any] | Non
         raise ValueError(f"SuperNode of region {region!r} has no data-dir in its --node-config")
     cfg = dict(msg.content["config"])
     arrays = from_record(msg.content["arrays"])
+    if BUFFERS_KEY in msg.content.config_records:  # BatchNorm statistics, outside the strategy's record
+        arrays.update(buffers_from_config(msg.content.config_records[BUFFERS_KEY]))
     trainer = context.node_config.get("trainer")
     if trainer:
         out, metrics = request(Path(str(trainer)), op, cfg, arrays)
@@ -84,11 +86,16 @@ def train(msg: Message, context: Context) -> Message:
     assert arrays is not None
     metrics.update(work)
     t0 = time.perf_counter()
+    records: dict[str, Any] = {}
+    if BUFFERS_KEY in msg.content.config_records:  # back the way they came
+        names = set(buffers_from_config(msg.content.config_records[BUFFERS_KEY]))
+        records[BUFFERS_KEY] = buffers_to_config({k: v for k, v in arrays.items() if k in names})
+        arrays = {k: v for k, v in arrays.items() if k not in names}
     record = to_record(arrays)
     metrics["pack-s"] = metrics.get("pack-s", 0.0) + time.perf_counter() - t0
     metrics["done-at"] = time.time()
     content = RecordDict(
-        {"arrays": record, "metrics": MetricRecord(metrics), "info": ConfigRecord({"region": region})}
+        {"arrays": record, "metrics": MetricRecord(metrics), "info": ConfigRecord({"region": region}), **records}
     )
     return Message(content=content, reply_to=msg)
 

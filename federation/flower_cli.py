@@ -107,6 +107,13 @@ def supernode(
     trainer_socket: Annotated[Path | None, typer.Option(envvar="EDGEFED_SUPERNODE_TRAINER_SOCKET",
                                                         help="Unix socket of the trainer (default: in a new "
                                                              "private temporary directory).")] = None,
+    warm: Annotated[bool, typer.Option(envvar="EDGEFED_SUPERNODE_WARM",
+                                       help="Fork each ClientApp from a warm fork server and cap the SuperNode's "
+                                            "polls at --poll-s (federation.warm_node); --no-warm: Flower's plain "
+                                            "flower-supernode, a new process per message, 3 s polls.")] = True,
+    poll_s: Annotated[float, typer.Option(envvar="EDGEFED_SUPERNODE_POLL_S", min=0.01, max=3.0,
+                                          help="With --warm: the SuperNode's message/reply poll (Flower: 3 s / "
+                                               "0.5 s).")] = 0.2,
     print_command: Annotated[bool, typer.Option(envvar="EDGEFED_FED_PRINT_COMMAND",
                                                 help="Print the Flower command line and exit.")] = False,
 ) -> None:
@@ -137,7 +144,8 @@ def supernode(
         try:
             argv = supernode_argv(region, data_dir, superlink=superlink, host=host, port=port,
                                   root_certificates=root_certificates, auth_private_key=auth_private_key,
-                                  threads=threads, trainer_socket=sock if trainer else None)
+                                  threads=threads, trainer_socket=sock if trainer else None, warm=warm,
+                                  poll_s=poll_s)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--region") from None
         trainer_cmd = trainer_argv(sock, data_dir, threads=threads, parent_pid=os.getpid()) if trainer and sock else []

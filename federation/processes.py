@@ -111,10 +111,23 @@ def supernode_argv(
     threads: int = 1,
     max_retries: int | None = None,
     trainer_socket: Path | None = None,
+    warm: bool = True,
+    poll_s: float | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one region, connected to ``superlink``; its Runtime API on ``host:port``."""
-    argv = [flower_executable("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
+    """``flower-supernode`` for one region, connected to ``superlink``; its Runtime API on ``host:port``.
+
+    ``warm`` (default): through ``federation.warm_node`` (ClientApps forked from a warm fork server,
+    SuperNode polls capped at ``poll_s``, default ``warm_node.DEFAULT_POLL_S``); else Flower's plain
+    ``flower-supernode``.
+    """
+    args = ["--superlink", superlink, "--host", host, "--port", str(port),
             "--node-config", node_config(region, data_dir, threads, trainer_socket)]
+    if warm:
+        from federation.warm_node import DEFAULT_POLL_S, warm_supernode_argv
+
+        argv = warm_supernode_argv(args, DEFAULT_POLL_S if poll_s is None else poll_s)
+    else:
+        argv = [flower_executable("flower-supernode"), *args]
     if root_certificates is not None:
         argv += ["--root-certificates", str(root_certificates)]
     else:
@@ -172,6 +185,8 @@ class FlowerDeployment:
     task_poll_s: float | None = None  # SuperExec task poll (None: DEFAULT_TASK_POLL_S)
     reply_poll_s: float | None = None  # ServerApp reply poll (None: federation.messaging's default)
     trainers: bool = True  # a long-lived trainer process per region (the ClientApp then never imports torch)
+    warm: bool = True  # SuperNodes through federation.warm_node (warm ClientApps, short polls)
+    node_poll_s: float | None = None  # the warm SuperNodes' poll cap (None: warm_node.DEFAULT_POLL_S)
     superlink: ManagedProcess | None = None
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     trainer_procs: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -233,7 +248,7 @@ class FlowerDeployment:
         proc = ManagedProcess(
             f"supernode-{region}",
             supernode_argv(region, data_dir, superlink=self.address, port=free_port(), threads=self.threads_per_node,
-                           trainer_socket=sock),
+                           trainer_socket=sock, warm=self.warm, poll_s=self.node_poll_s),
             self.root / "logs" / f"supernode-{safe}.log",
             env=flwr_env(self.root / f"flwr-home-{safe}", self.env, task_poll_s=self.task_poll_s),
         ).start()

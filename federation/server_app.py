@@ -35,7 +35,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from federation.messaging import send_and_receive
-from federation.records import from_record, to_record
+from federation.records import (
+    BUFFERS_KEY,
+    average_buffers,
+    buffers_from_config,
+    buffers_to_config,
+    from_record,
+    to_record,
+)
 from federation.spec import FedResult, FedRunSpec
 
 __all__ = ["app", "RunFailed", "write_result"]
@@ -159,6 +166,13 @@ class _Run:
                 "seed": int(spec.seed),
             }
         )
+        # BatchNorm running statistics are no learned parameters: a server optimizer (FedAdam, FedYogi,
+        # FedAdagrad, FedAvgM) stepping on them by sign drives variances negative and the model to a
+        # constant. They travel beside the strategy's record and are averaged by case count (FedAvg's
+        # rule). With DP or SecAgg+ they stay in the record, so that they get the same protection.
+        private = spec.differential_privacy is not None or spec.secagg is not None
+        buffers = {n for n, _ in self.model.named_buffers()} & set(self.arrays)
+        self.buffer_names: set[str] = set() if private else buffers
         self.secagg: Any = None
         if spec.secagg is not None:
             from federation.secure_agg_server import SecAggTrainer
@@ -187,7 +201,12 @@ class _Run:
         """Training through the message-API strategy's own configure_train/aggregate_train."""
         spec = self.spec
         t0 = time.perf_counter()
-        messages = list(self.strategy.configure_train(rnd, to_record(self.arrays), cfg, grid))
+        params = {k: v for k, v in self.arrays.items() if k not in self.buffer_names}
+        messages = list(self.strategy.configure_train(rnd, to_record(params), cfg, grid))
+        if self.buffer_names:
+            buffers = buffers_to_config({k: self.arrays[k] for k in self.buffer_names})
+            for m in messages:
+                m.content.config_records[BUFFERS_KEY] = buffers
         replies = send_and_receive(grid, messages, timeout=spec.round_timeout_s)
         train_wall = time.perf_counter() - t0
         ok = [m for m in replies if not m.has_error()]
@@ -201,8 +220,15 @@ class _Run:
         agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, ok)
         if agg_arrays is None:
             raise RunFailed(f"round {rnd}: the strategy could not aggregate the {len(ok)} replies")
+        new = {**self.arrays, **from_record(agg_arrays)}
+        if self.buffer_names:
+            parts = [(buffers_from_config(m.content.config_records[BUFFERS_KEY]),
+                      float(m.content["metrics"].get("num-examples", 0.0)))
+                     for m in ok if BUFFERS_KEY in m.content.config_records]
+            if parts and sum(w for _, w in parts) > 0:
+                new.update(average_buffers(parts))
         return _Trained(
-            arrays=from_record(agg_arrays), sampled=len(messages), per_region=per_region, failures=failures,
+            arrays=new, sampled=len(messages), per_region=per_region, failures=failures,
             train_metrics=_clean(agg_metrics), train_wall=train_wall,
             aggregate_s=time.perf_counter() - t0 - train_wall,
         )

@@ -5,8 +5,9 @@ inside the command.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -191,6 +192,28 @@ def hub(
         _finish(run_p5(agents=agents, rate=rate, duration_s=p5_duration), out_dir / "hub-p5.json")
 
 
+def _strategy_params(items: list[str], strategies: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``STRATEGY.KEY=VALUE`` items as {strategy: {key: value}}; values are JSON where they parse
+    (numbers, booleans), else strings. A strategy must be one of those run."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        name, dot, key = target.partition(".")
+        name = name.strip().lower()
+        if not sep or not dot or not name or not key:
+            raise typer.BadParameter(f"{item!r}: expected STRATEGY.KEY=VALUE, e.g. fedadam.eta=0.001",
+                                     param_hint="--strategy-param")
+        if name not in strategies:
+            raise typer.BadParameter(f"{item!r}: {name!r} is not among the strategies run "
+                                     f"({', '.join(strategies)})", param_hint="--strategy-param")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[key.strip()] = value
+    return out
+
+
 @bench_app.command()
 def fed(
     sections: Annotated[str, typer.Option(envvar="EDGEFED_BENCH_SECTIONS",
@@ -218,6 +241,10 @@ def fed(
     reply_poll_s: Annotated[float | None, typer.Option(envvar="EDGEFED_BENCH_REPLY_POLL_S", min=0.01, max=10.0,
                                                        help="P6: ServerApp reply poll (default 0.2 s; Flower's "
                                                             "own loop 3 s).")] = None,
+    strategy_param: Annotated[list[str] | None, typer.Option(
+        "--strategy-param", envvar="EDGEFED_BENCH_STRATEGY_PARAMS", show_default=False,
+        help="P6: STRATEGY.KEY=VALUE (repeatable), e.g. fedadam.eta=0.001; defaults: fedprox.proximal_mu=0.01, "
+             "fedadam.eta=0.01, fedadam.eta_l=LR.")] = None,
     trainer: Annotated[bool, typer.Option(envvar="EDGEFED_BENCH_TRAINER",
                                           help="P6: a long-lived trainer process per SuperNode (--no-trainer: "
                                                "train inside each ClientApp process).")] = True,
@@ -248,13 +275,15 @@ def fed(
     if bad or not names:
         raise typer.BadParameter(f"unknown strateg(ies) {', '.join(bad) or '(none given)'}; use "
                                  f"{', '.join(STRATEGIES)}", param_hint="--strategies")
+    per_strategy = _strategy_params(strategy_param or [], names)
     if "p6" in wanted:
         from shared.bench.fed import run_p6
 
         out = out_dir / "fed-p6.json"
         _finish(run_p6(rounds=rounds, limit=limit, strategies=names, regions=regions, alpha=alpha,
                        local_epochs=local_epochs, lr=lr, client_eval=client_eval, plot_path=out.with_suffix(".png"),
-                       task_poll_s=task_poll_s, reply_poll_s=reply_poll_s, trainers=trainer),
+                       task_poll_s=task_poll_s, reply_poll_s=reply_poll_s, trainers=trainer,
+                       strategy_params=per_strategy),
                 out)
     if "p9" in wanted:
         from shared.bench.loop import run_p9

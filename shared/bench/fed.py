@@ -189,6 +189,7 @@ def run_p6(
     client_eval: bool = False,
     proximal_mu: float = 0.01,
     fedadam_eta: float = 0.01,
+    strategy_params: dict[str, dict[str, Any]] | None = None,
     run_timeout_s: float = 3600.0,
     plot_path: Path | None = None,
     work_dir: Path | None = None,
@@ -202,7 +203,10 @@ def run_p6(
     from federation.runner import FederationClient, read_result
     from federation.spec import FedRunSpec
 
-    params = {"fedprox": {"proximal_mu": proximal_mu}, "fedadam": {"eta": fedadam_eta, "eta_l": lr}}
+    params: dict[str, dict[str, Any]] = {"fedprox": {"proximal_mu": proximal_mu},
+                                         "fedadam": {"eta": fedadam_eta, "eta_l": lr}}
+    for name, given in (strategy_params or {}).items():  # the caller's override the defaults key by key
+        params[name] = {**params.get(name, {}), **given}
     result = BenchResult(
         benchmark="fed-p6",
         settings={"rounds": rounds, "limit": limit, "strategies": list(strategies), "regions": regions,

@@ -158,7 +158,8 @@ def test_edgefed_fed_supernode_stops_its_trainer_and_flower_on_sigterm(tmp_path:
     ).start()
     try:
         deadline = time.monotonic() + 120
-        while not any("flower-supernode" in " ".join(_cmdline(p)) for p, _ in descendants(wrapper.pid)):
+        # the warm SuperNode (federation.warm_node, the default) with its SuperExec
+        while not any("federation.warm_node superexec" in " ".join(_cmdline(p)) for p, _ in descendants(wrapper.pid)):
             assert wrapper.alive() and time.monotonic() < deadline, wrapper.log_tail()
             time.sleep(0.2)
         tree = descendants(wrapper.pid)
@@ -182,3 +183,19 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def test_run_task_reuses_the_region_data_until_a_file_changes(tmp_path: Path) -> None:
+    import numpy as np
+
+    from federation.trainer import run_task
+
+    data = make_learning_store(tmp_path / "data", 16, seed=3)
+    _, m1 = run_task("evaluate", CFG, _weights(), data)
+    _, m2 = run_task("evaluate", CFG, _weights(), data)
+    assert (m1["data-memory-hit"], m2["data-memory-hit"]) == (0.0, 1.0)
+    assert m2["num-examples"] == m1["num-examples"] and m2["accuracy"] == m1["accuracy"]
+    rng = np.random.default_rng(0)  # a site adds labelled data: read again, and it counts
+    np.savez(data / "extra.npz", x=rng.random((4, 1, 32, 32), dtype=np.float32), y=np.array([0, 1, 0, 1]))
+    _, m3 = run_task("evaluate", CFG, _weights(), data)
+    assert m3["data-memory-hit"] == 0.0 and m3["num-examples"] == m1["num-examples"] + 4

@@ -128,6 +128,26 @@ def test_a_supernode_killed_mid_round_is_recorded_and_leaves_no_process(fed) -> 
     assert alive_pids(tree[1:]) == []
 
 
+def test_a_plain_flower_supernode_runs_a_round_too(tmp_path: Path) -> None:
+    """``--no-warm``: Flower's own flower-supernode, a new flwr-clientapp process per message."""
+    make_edge_checkpoint(tmp_path / "edge.pt")
+    make_reference(tmp_path / "reference.npz")
+    with FlowerDeployment(tmp_path / "d", make_regions(tmp_path, ["solo"], n=16), warm=False) as dep:
+        assert "federation.warm_node" not in " ".join(dep.supernodes["solo"].argv)
+        spec = _spec(tmp_path, "run-plain", rounds=1, min_available=1, min_fit=1, fraction_evaluate=0.0)
+        state = FederationClient(dep.address, dep.flwr_home).wait(
+            FederationClient(dep.address, dep.flwr_home).submit(spec), RUN_TIMEOUT)
+        assert state.status == "finished", (state, dep.logs())
+    assert read_result(spec.output_dir).rounds[0]["regions"] == ["solo"]
+
+
+def test_warm_supernodes_fork_their_clientapps(fed) -> None:
+    dep, _client, _root = fed
+    log = dep.supernodes["north"].log_path.read_text(errors="replace")
+    assert "warm ClientApp fork server ready" in log
+    assert "federation.warm_node" in " ".join(dep.supernodes["north"].argv)
+
+
 def test_too_few_replies_fail_the_run_with_a_reason(fed) -> None:
     _dep, client, root = fed
     spec = _spec(root, "run-short", rounds=1, min_available=2, min_fit=5, fraction_evaluate=0.0, round_timeout_s=3)
@@ -138,11 +158,13 @@ def test_too_few_replies_fail_the_run_with_a_reason(fed) -> None:
     assert result.global_checkpoint is None
 
 
-def test_stopping_the_deployment_leaves_no_flower_process(tmp_path: Path) -> None:
-    dep = FlowerDeployment(tmp_path / "d", make_regions(tmp_path, ["solo"], n=8)).start()
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "plain"])
+def test_stopping_the_deployment_leaves_no_flower_process(tmp_path: Path, warm: bool) -> None:
+    dep = FlowerDeployment(tmp_path / "d", make_regions(tmp_path, ["solo"], n=8), warm=warm).start()
     try:
-        deadline = time.monotonic() + 30
-        while len(procs := dep.all_pids()) < 4:  # SuperLink, SuperNode and a SuperExec for each
+        deadline = time.monotonic() + 60
+        # SuperLink, SuperNode and a SuperExec for each (warm: and the ClientApp fork server)
+        while len(procs := dep.all_pids()) < (5 if warm else 4):
             assert time.monotonic() < deadline, (procs, dep.logs())
             time.sleep(0.2)
     finally:

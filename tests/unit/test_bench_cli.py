@@ -34,3 +34,19 @@ def test_unknown_budget_score_is_refused(tmp_path) -> None:  # noqa: ANN001
     result = CliRunner().invoke(bench_app, ["cascade", "--budget-score", "vibes", "--models", str(tmp_path / "m")])
     assert result.exit_code == 2 and "vibes" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_strategy_params_parse_per_strategy_with_json_values() -> None:
+    from shared.bench.cli import _strategy_params
+
+    got = _strategy_params(["fedadam.eta=0.001", "fedadam.tau=1e-9", "FedProx.proximal_mu=0.1", "fedadam.note=x"],
+                           ("fedavg", "fedprox", "fedadam"))
+    assert got == {"fedadam": {"eta": 0.001, "tau": 1e-9, "note": "x"}, "fedprox": {"proximal_mu": 0.1}}
+
+
+def test_bad_strategy_param_is_refused_before_any_work(tmp_path) -> None:  # noqa: ANN001
+    for item, named in (("fedadam", "STRATEGY.KEY=VALUE"), ("fedavg.eta=1", "'fedavg' is not among")):
+        result = CliRunner().invoke(bench_app, ["fed", "--strategies", "fedadam", "--strategy-param", item,
+                                                "--out-dir", str(tmp_path / "out")])
+        assert result.exit_code == 2 and named in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
